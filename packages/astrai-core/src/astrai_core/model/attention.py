@@ -1,0 +1,84 @@
+"""Grouped-query attention (GQA) with optional qk-norm (Qwen3) and a sigmoid output gate."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from astrai_core.model.cache import KVSpec, PagedCache
+from astrai_core.model.config import ModelConfig
+from astrai_core.model.linear import Linear
+from astrai_core.model.norm import RMSNorm
+from astrai_core.model.rope import apply_rotary
+
+
+def scaled_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """SDPA over q (B, H, T, D) and k/v (B, Hkv, L, D) where Hkv divides H.
+
+    `mask` None means the T queries are the last T of the L keys, causally.
+    """
+    T, L = q.shape[-2], k.shape[-2]
+    is_causal = False
+    if mask is None and T > 1:
+        if T == L:
+            is_causal = True
+        else:  # causal aligned to the bottom right: query i sees keys up to L - T + i
+            mask = torch.ones(T, L, dtype=torch.bool, device=q.device).tril(L - T)
+    if k.shape[1] != q.shape[1]:
+        # Expanding is a view; SDPA kernels on CPU are fastest on equal head counts.
+        rep = q.shape[1] // k.shape[1]
+        k = k.repeat_interleave(rep, dim=1)
+        v = v.repeat_interleave(rep, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
+
+
+class GQA(nn.Module):
+    def __init__(self, config: ModelConfig, layer_id: int) -> None:
+        super().__init__()
+        self.layer_id = layer_id
+        self.n_heads = config.n_heads
+        self.n_kv_heads = config.n_kv_heads
+        self.head_dim = config.resolved_head_dim
+        dim, hd = config.dim, self.head_dim
+        self.q_proj = Linear(dim, self.n_heads * hd, config.attention_bias)
+        self.k_proj = Linear(dim, self.n_kv_heads * hd, config.attention_bias)
+        self.v_proj = Linear(dim, self.n_kv_heads * hd, config.attention_bias)
+        self.o_proj = Linear(self.n_heads * hd, dim, config.attention_out_bias)
+        self.q_norm = RMSNorm(hd, config.norm_eps) if config.use_qk_norm else None
+        self.k_norm = RMSNorm(hd, config.norm_eps) if config.use_qk_norm else None
+        self.g_proj = Linear(dim, self.n_heads * hd) if config.use_gated_attention else None
+
+    def kv_spec(self) -> KVSpec:
+        return KVSpec(self.n_kv_heads, self.head_dim, self.n_kv_heads, self.head_dim)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rotary_emb: tuple[torch.Tensor, torch.Tensor],
+        attn_mask: torch.Tensor | None = None,
+        paged_cache: PagedCache | None = None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if self.q_norm is not None:  # Qwen3: per-head norm, before RoPE
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+        cos, sin = rotary_emb
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if paged_cache is not None:
+            paged_cache.write(self.layer_id, k, v)
+            k, v = paged_cache.gather(self.layer_id)  # (B, Hkv, L, D)
+        out = scaled_attention(q, k, v, attn_mask)
+        out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
+        if self.g_proj is not None:
+            out = out * torch.sigmoid(self.g_proj(x))
+        return self.o_proj(out)

@@ -1,0 +1,102 @@
+"""The seam between the model and serving: the `PagedCache` protocol, and a plain contiguous
+implementation for tests and simple generation.
+
+The model only ever calls `write`, `gather` and `attention_mask`; it never learns about pages,
+tasks or schedulers. astrai-serve implements the paged version (`KvcacheView`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+
+
+@dataclass(frozen=True)
+class KVSpec:
+    """What one layer stores per token: `k_heads x k_dim` for K and `v_heads x v_dim` for V.
+
+    For GQA that is the key and value heads; for MLA it is the compressed latent (as "K") and
+    the shared RoPE key (as "V").
+    """
+
+    k_heads: int
+    k_dim: int
+    v_heads: int
+    v_dim: int
+
+    def elements_per_token(self) -> int:
+        return self.k_heads * self.k_dim + self.v_heads * self.v_dim
+
+
+@runtime_checkable
+class PagedCache(Protocol):
+    """Per-forward view of a KV cache for a batch of B rows with T new tokens each."""
+
+    def write(self, layer_id: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store this step's keys/values, shaped (B, k_heads, T, k_dim) / (B, v_heads, T, v_dim)."""
+        ...
+
+    def gather(self, layer_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """All keys/values each row may attend to, this step's included: (B, heads, L, dim)."""
+        ...
+
+    def attention_mask(self) -> torch.Tensor | None:
+        """Boolean (B, 1, T, L), True where a query may attend a key; None means every row is
+        dense and the T new tokens are the last T of the L keys (plain causal attention)."""
+        ...
+
+
+class ContiguousCache:
+    """A dense (B, heads, max_len, dim) cache per layer. Rows share one length; padding is
+    expressed by `input_mask` in `begin` (left padding in `generate`)."""
+
+    def __init__(
+        self,
+        spec: KVSpec,
+        n_layers: int,
+        batch_size: int,
+        max_len: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        def empty(heads: int, dim: int) -> list[torch.Tensor]:
+            shape = (batch_size, heads, max_len, dim)
+            return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+
+        self.k, self.v = empty(spec.k_heads, spec.k_dim), empty(spec.v_heads, spec.v_dim)
+        self.max_len = max_len
+        self.length = 0  # tokens stored, this step's included once `begin` ran
+        self._start = 0
+        self._key_valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self._mask: torch.Tensor | None = None
+
+    def begin(self, input_mask: torch.Tensor) -> None:
+        """Announce the next T tokens of each row; input_mask (B, T) marks real tokens."""
+        T = input_mask.shape[1]
+        if self.length + T > self.max_len:
+            raise ValueError(f"ContiguousCache is full: {self.length} + {T} > max_len {self.max_len}")
+        self._start, self.length = self.length, self.length + T
+        self._key_valid[:, self._start : self.length] = input_mask.bool()
+        if bool(self._key_valid[:, : self.length].all()):
+            self._mask = None
+            return
+        L = self.length
+        q_pos = torch.arange(self._start, L, device=input_mask.device)
+        k_pos = torch.arange(L, device=input_mask.device)
+        causal = k_pos[None, :] <= q_pos[:, None]  # (T, L)
+        mask = causal[None] & self._key_valid[:, None, :L]  # (B, T, L)
+        # A padded query attends to itself so its row is never empty (no NaN from softmax).
+        mask |= (k_pos[None, :] == q_pos[:, None])[None]
+        self._mask = mask[:, None]
+
+    def write(self, layer_id: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.k[layer_id][:, :, self._start : self.length] = k
+        self.v[layer_id][:, :, self._start : self.length] = v
+
+    def gather(self, layer_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k[layer_id][:, :, : self.length], self.v[layer_id][:, :, : self.length]
+
+    def attention_mask(self) -> torch.Tensor | None:
+        return self._mask
