@@ -1,0 +1,33 @@
+"""astrai-core: the model, AutoModel, tokenizer and chat templates, the factory registry,
+checkpoints and the `astrai` CLI root."""
+
+from importlib.metadata import version as _version
+
+from astrai_core.checkpoint import Checkpoint
+from astrai_core.factory import BaseFactory, Registry
+from astrai_core.model import (
+    GQA,
+    MLA,
+    MLP,
+    AutoModel,
+    ContiguousCache,
+    DecoderBlock,
+    Embedding,
+    KVSpec,
+    Linear,
+    ModelConfig,
+    PagedCache,
+    RMSNorm,
+    RotaryEmbedding,
+    Transformer,
+    generate,
+    get_preset,
+)
+
+__version__ = _version("astrai-core")
+
+__all__ = [
+    "GQA", "MLA", "MLP", "AutoModel", "BaseFactory", "Checkpoint", "ContiguousCache",
+    "DecoderBlock", "Embedding", "KVSpec", "Linear", "ModelConfig", "PagedCache", "RMSNorm",
+    "Registry", "RotaryEmbedding", "Transformer", "generate", "get_preset",
+]

@@ -70,7 +70,7 @@ def main() -> None:
     except USER_ERRORS as exc:
         if os.environ.get("ASTRAI_DEBUG"):
             raise
-        err_console.print(f"[red]error:[/] {exc}", highlight=False)
+        err_console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(1)
 
 

@@ -119,9 +119,9 @@ class ModelConfig:
 
     def num_parameters(self) -> int:
         """Parameter count computed from the shape, without building the model."""
-        from astrai_core.model.transformer import Transformer  # local: avoid a cycle
-
         import torch
+
+        from astrai_core.model.transformer import Transformer  # local: avoid a cycle
 
         with torch.device("meta"):
             return sum(p.numel() for p in Transformer(self).parameters())

@@ -94,3 +94,33 @@ def state_dict_from_hf(hf_state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
             continue
         out[name.removeprefix(HF_PREFIX)] = tensor
     return out
+
+
+def config_to_hf_llama(config: ModelConfig) -> dict[str, Any]:
+    """A Hugging Face `llama` config.json for a GQA model without qk-norm or gating."""
+    if config.attention_type != "gqa" or config.use_qk_norm or config.use_gated_attention:
+        raise ValueError("only plain GQA models (no qk-norm, no gate) map to Hugging Face llama")
+    if config.attention_bias != config.attention_out_bias:
+        raise ValueError("llama has one attention_bias for q/k/v/o; this config differs")
+    return {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.dim,
+        "intermediate_size": config.dim_ffn,
+        "num_hidden_layers": config.n_layers,
+        "num_attention_heads": config.n_heads,
+        "num_key_value_heads": config.n_kv_heads,
+        "head_dim": config.resolved_head_dim,
+        "max_position_embeddings": config.max_len,
+        "rms_norm_eps": config.norm_eps,
+        "rope_theta": config.rope_theta,
+        "tie_word_embeddings": config.tie_weight,
+        "attention_bias": config.attention_bias,
+        "mlp_bias": config.mlp_bias,
+        "hidden_act": "silu",
+    }
+
+
+def state_dict_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {(k if k.startswith("lm_head") else HF_PREFIX + k): v for k, v in state.items()}

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-
 from astrai_core.model.config import ModelConfig
 
 PRESETS: dict[str, dict] = {
