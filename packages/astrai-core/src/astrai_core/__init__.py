@@ -23,11 +23,31 @@ from astrai_core.model import (
     generate,
     get_preset,
 )
+from astrai_core.tokenizer import AutoTokenizer, ChatTemplate, IncrementalDecoder
 
 __version__ = _version("astrai-core")
 
 __all__ = [
-    "GQA", "MLA", "MLP", "AutoModel", "BaseFactory", "Checkpoint", "ContiguousCache",
-    "DecoderBlock", "Embedding", "KVSpec", "Linear", "ModelConfig", "PagedCache", "RMSNorm",
-    "Registry", "RotaryEmbedding", "Transformer", "generate", "get_preset",
+    "GQA",
+    "MLA",
+    "MLP",
+    "AutoModel",
+    "AutoTokenizer",
+    "BaseFactory",
+    "ChatTemplate",
+    "Checkpoint",
+    "ContiguousCache",
+    "DecoderBlock",
+    "Embedding",
+    "IncrementalDecoder",
+    "KVSpec",
+    "Linear",
+    "ModelConfig",
+    "PagedCache",
+    "RMSNorm",
+    "Registry",
+    "RotaryEmbedding",
+    "Transformer",
+    "generate",
+    "get_preset",
 ]
