@@ -1,0 +1,57 @@
+"""Checking replies to the synthetic numeric tasks: the answer extractor and reward functions
+the quickstart's GRPO stage and its evaluation use.
+
+Every numeric reply ends its first sentence with the answer:
+    en: "3 + 4 = 7."  "The bigger number is 12."  "The number after 7 is 8."
+    zh: "3 加 4 等于 7。"  "更大的数是 12。"  "7 后面是 8。"
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+_SENTENCE_END = re.compile(r"[.。!?！？\n]")
+_INTEGER = re.compile(r"-?\d+")
+
+CANONICAL = {
+    "en": [re.compile(r"\d+ [+-] \d+ = -?\d+\."), re.compile(r"The bigger number is \d+\."),
+           re.compile(r"The number after \d+ is \d+\.")],
+    "zh": [re.compile(r"\d+ [加减] \d+ 等于 -?\d+。"), re.compile(r"更大的数是 \d+。"),
+           re.compile(r"\d+ 后面是 \d+。")],
+}
+
+
+def extract_answer(text: str, lang: str | None = None) -> str | None:
+    """The last integer of the reply's first sentence (None when it has none). Text a model
+    generates after that sentence is ignored. `lang` is accepted for symmetry; both languages
+    put the answer in the same place."""
+    first = _SENTENCE_END.split(text.strip(), maxsplit=1)[0]
+    numbers = _INTEGER.findall(first)
+    return numbers[-1] if numbers else None
+
+
+def exact_answer_reward(response: str, answer: str, lang: str | None = None) -> float:
+    """1.0 when the extracted answer equals the reference answer, else 0.0."""
+    return 1.0 if extract_answer(response, lang) == str(answer).strip() else 0.0
+
+
+def format_reward(response: str, lang: str) -> float:
+    """1.0 when the reply is exactly one canonical sentence in the asked language, else 0.0
+    (a reply in the wrong language, with extra text, or cut short scores 0)."""
+    if lang not in CANONICAL:
+        raise ValueError(f"lang must be 'en' or 'zh', got {lang!r}")
+    text = response.strip()
+    return 1.0 if any(p.fullmatch(text) for p in CANONICAL[lang]) else 0.0
+
+
+def reward_exact_answer(response: str, item: dict[str, Any]) -> float:
+    """Reward-function form for an online GRPO item ({prompt, answer, lang, ...})."""
+    return exact_answer_reward(response, item["answer"], item.get("lang"))
+
+
+def reward_format(response: str, item: dict[str, Any]) -> float:
+    return format_reward(response, item.get("lang", "en"))
+
+
+REWARD_FUNCTIONS = {"exact_answer": reward_exact_answer, "format": reward_format}
