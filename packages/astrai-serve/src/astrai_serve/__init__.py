@@ -1,5 +1,38 @@
-"""astrai-serve."""
+"""astrai-serve: paged KV cache with prefix caching, continuous batching with chunked prefill
+and preemption, sampling, and the `InferenceEngine`."""
 
 from importlib.metadata import version as _version
 
+from astrai_serve.engine import InferenceEngine
+from astrai_serve.kvcache import (
+    Allocator,
+    KVCache,
+    KvcacheView,
+    PagePool,
+    PrefixCache,
+    Storage,
+    TaskTable,
+)
+from astrai_serve.request import GenerateResult, GenerationRequest, TokenLogprob
+from astrai_serve.sampling import (
+    BaseSamplingStrategy,
+    MinPStrategy,
+    PenaltyStrategy,
+    SamplingParams,
+    SamplingPipeline,
+    TemperatureStrategy,
+    TopKStrategy,
+    TopPStrategy,
+)
+from astrai_serve.scheduler import InferenceScheduler
+from astrai_serve.task import Task, TaskStatus
+
 __version__ = _version("astrai-serve")
+
+__all__ = [
+    "Allocator", "BaseSamplingStrategy", "GenerateResult", "GenerationRequest", "InferenceEngine",
+    "InferenceScheduler", "KVCache", "KvcacheView", "MinPStrategy", "PagePool", "PenaltyStrategy",
+    "PrefixCache", "SamplingParams", "SamplingPipeline", "Storage", "Task", "TaskStatus",
+    "TaskTable", "TemperatureStrategy", "TokenLogprob", "TopKStrategy", "TopPStrategy",
+    "__version__",
+]

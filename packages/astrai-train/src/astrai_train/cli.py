@@ -1,7 +1,158 @@
-"""Sub-commands that astrai-train adds to the `astrai` CLI (entry-point group `astrai.cli`)."""
+"""`astrai train`: the sub-command astrai-train adds to the `astrai` CLI (entry-point group
+`astrai.cli`). Every plain-value TrainConfig field gets a flag, generated from the dataclass, so
+the flags, the TOML keys and the config can never drift apart."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import types
+import typing
+from pathlib import Path
+from typing import Any
 
 import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from astrai_train.config import TrainConfig
+from astrai_train.launch import (
+    LaunchOptions,
+    RunEstimate,
+    build_config,
+    estimate_run,
+    locate_checkpoint,
+    merge_options,
+    option_name,
+    write_launch,
+)
+from astrai_train.trainer import NonFiniteLossError, Trainer
+
+console = Console()
+err_console = Console(stderr=True)
+
+HELP = """Train a model with the seq, sft, dpo or grpo strategy.
+
+Examples:
+
+  astrai train --strategy seq --data corpus.h5 --out runs/pt --preset small --tokenizer tok/
+
+  astrai train --strategy sft --data chat.h5 --out runs/sft --model runs/pt/step_00001000
+
+  astrai train --out runs/pt --resume   (continue from the latest checkpoint, same options)
+
+Options come from --config FILE.toml (keys are the option names with underscores) and the flags; flags win. With --resume, options not given again are those of the run resumed.
+"""
+
+RUN_PARAMS: list[tuple[str, Any, Any]] = [
+    ("data", Path | None, typer.Option(None, "--data", help="Dataset file (.h5 or .json) of the strategy's kind.", rich_help_panel="Run")),
+    ("model", Path | None, typer.Option(None, "--model", help="Model folder to start from.", rich_help_panel="Run")),
+    ("preset", str | None, typer.Option(None, "--preset", help="Start from random weights of this shape (tiny, small, 1b...); needs --tokenizer.", rich_help_panel="Run")),
+    ("window_size", int | None, typer.Option(None, "--window-size", help="Tokens per sample (seq/sft default: the model's max_len; dpo/grpo: cap).", rich_help_panel="Run")),
+    ("stride", int | None, typer.Option(None, "--stride", help="Tokens between window starts (seq/sft; default: window size).", rich_help_panel="Run")),
+    ("config", Path | None, typer.Option(None, "--config", help="TOML file of options; flags win over it.", rich_help_panel="Run")),
+    ("resume", bool, typer.Option(False, "--resume", help="Continue from the latest checkpoint in --out.", rich_help_panel="Run")),
+]
+
+
+def _base_type(hint: Any) -> Any:
+    """int | None -> int."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
+
+
+def config_parameters() -> list[inspect.Parameter]:
+    hints = typing.get_type_hints(TrainConfig)
+    params = []
+    for f in TrainConfig.value_fields():
+        name = option_name(f)
+        flag = "--" + name.replace("_", "-")
+        base = _base_type(hints[f.name])
+        if f.name == "extra_kwargs":
+            base, help_text = list[str], f.metadata["help"] + " Repeatable; VALUE is JSON or text."
+        else:
+            help_text = f"{f.metadata['help']} " + escape(f"[default: {f.default}]")
+        if base is bool:
+            flag += f"/--no-{name.replace('_', '-')}"
+        option = typer.Option(None, flag, help=help_text, rich_help_panel="Training (TrainConfig)")
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option,
+                                        annotation=base | None))
+    return params
+
+
+def parse_extra(pairs: list[str] | None) -> dict[str, Any] | None:
+    if pairs is None:
+        return None
+    extra = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--extra-kwargs expects KEY=VALUE, got {pair!r}")
+        try:
+            extra[key] = json.loads(value)
+        except json.JSONDecodeError:
+            extra[key] = value
+    return extra
+
+
+def start_table(config: TrainConfig, estimate: RunEstimate) -> Table:
+    table = Table(title=f"astrai train: {config.strategy}", show_header=False)
+    table.add_row("parameters", f"{estimate.parameters:,}")
+    table.add_row("tokens per optimizer step", f"{estimate.tokens_per_step:,}")
+    steps = f"{estimate.total_steps:,}"
+    if estimate.done_steps:
+        steps += f" (resuming after {estimate.done_steps:,})"
+    table.add_row("steps", steps)
+    table.add_row("estimated time", _duration(estimate.seconds))
+    table.add_row("samples per step",
+                  f"{config.batch_size} x {config.accumulation_steps} accumulation")
+    table.add_row("output", config.ckpt_dir)
+    return table
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "unknown"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"~{hours}h {minutes:02d}m" if hours else f"~{minutes}m {secs:02d}s"
+
+
+def train_command(**options: Any) -> None:
+    config_file, resume = options.pop("config"), options.pop("resume")
+    options["extra_kwargs"] = parse_extra(options.get("extra_kwargs"))
+    opts: LaunchOptions = merge_options(options, config_file, resume)
+    checkpoint = locate_checkpoint(opts)
+    config = build_config(opts)
+    write_launch(opts, config)
+    console.print(start_table(config, estimate_run(config, checkpoint)))
+    try:
+        context = Trainer(config).train(checkpoint)
+    except NonFiniteLossError as exc:
+        err_console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    where = context.last_checkpoint or "no checkpoint"
+    if context.stop_requested:
+        console.print(f"stopped by {context.stop_requested} after step {context.iteration}; "
+                      f"saved {where}. Continue with: astrai train --out {config.ckpt_dir} --resume")
+    else:
+        console.print(f"done: {context.iteration} steps, final loss {context.loss:.4f}; saved {where}")
+
+
+def _command() -> Any:
+    params = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=d, annotation=a)
+              for n, a, d in RUN_PARAMS] + config_parameters()
+
+    def train(**options: Any) -> None:
+        train_command(**options)
+
+    train.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    train.__annotations__ = {p.name: p.annotation for p in params}
+    train.__doc__ = HELP
+    return train
 
 
 def register(app: typer.Typer) -> None:
-    """Nothing yet: commands arrive with later issues."""
+    app.command("train", help=HELP, no_args_is_help=True)(_command())

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from astrai_core.model.cache import KVSpec, PagedCache
+from astrai_core.model.cache import AttentionPlan, KVSpec, PagedCache
 from astrai_core.model.config import ModelConfig
 from astrai_core.model.linear import Linear
 from astrai_core.model.norm import RMSNorm
@@ -17,13 +17,16 @@ def scaled_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    mask: torch.Tensor | None,
+    mask: torch.Tensor | AttentionPlan | None,
     scale: float | None = None,
 ) -> torch.Tensor:
     """SDPA over q (B, H, T, D) and k/v (B, Hkv, L, D) where Hkv divides H.
 
-    `mask` None means the T queries are the last T of the L keys, causally.
+    `mask` None means the T queries are the last T of the L keys, causally; an `AttentionPlan`
+    (from a paged cache) does the attention itself.
     """
+    if mask is not None and not isinstance(mask, torch.Tensor):
+        return mask.attend(q, k, v, scale)
     T, L = q.shape[-2], k.shape[-2]
     is_causal = False
     if mask is None and T > 1:
@@ -31,12 +34,17 @@ def scaled_attention(
             is_causal = True
         else:  # causal aligned to the bottom right: query i sees keys up to L - T + i
             mask = torch.ones(T, L, dtype=torch.bool, device=q.device).tril(L - T)
-    if k.shape[1] != q.shape[1]:
-        # Expanding is a view; SDPA kernels on CPU are fastest on equal head counts.
-        rep = q.shape[1] // k.shape[1]
-        k = k.repeat_interleave(rep, dim=1)
-        v = v.repeat_interleave(rep, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale)
+    if k.shape[1] != q.shape[1] and T == 1:
+        # Decode: fold each group's query heads into the query axis, (B, Hkv, rep, D), so the
+        # cached keys are read once per KV head instead of being copied rep times.
+        B, H, _, D = q.shape
+        out = F.scaled_dot_product_attention(
+            q.reshape(B, k.shape[1], H // k.shape[1], D), k, v, attn_mask=mask, scale=scale
+        )
+        return out.reshape(B, H, 1, v.shape[-1])
+    # SDPA broadcasts each KV head over its query group itself (no copies of K/V).
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                          scale=scale, enable_gqa=k.shape[1] != q.shape[1])
 
 
 class GQA(nn.Module):
@@ -62,7 +70,7 @@ class GQA(nn.Module):
         self,
         x: torch.Tensor,
         rotary_emb: tuple[torch.Tensor, torch.Tensor],
-        attn_mask: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | AttentionPlan | None = None,
         paged_cache: PagedCache | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from astrai_core.model.attention import GQA
-from astrai_core.model.cache import PagedCache
+from astrai_core.model.cache import AttentionPlan, PagedCache
 from astrai_core.model.config import ModelConfig
 from astrai_core.model.mla import MLA
 from astrai_core.model.mlp import MLP
@@ -26,7 +26,7 @@ class DecoderBlock(nn.Module):
         self,
         x: torch.Tensor,
         rotary_emb: tuple[torch.Tensor, torch.Tensor],
-        attention_mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | AttentionPlan | None = None,
         paged_cache: PagedCache | None = None,
     ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), rotary_emb, attention_mask, paged_cache)

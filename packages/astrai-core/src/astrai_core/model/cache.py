@@ -31,6 +31,19 @@ class KVSpec:
 
 
 @runtime_checkable
+class AttentionPlan(Protocol):
+    """A cache's own attention, for batch layouts a mask tensor cannot express cheaply (ragged
+    sequences packed into one row: a block-diagonal mask would attend across all of them).
+    `attention_mask()` may return one; `scaled_attention` then hands it q and the gathered k/v."""
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None
+    ) -> torch.Tensor:
+        """q (B, heads, T, dim) and k/v as this cache's `gather` returned them -> (B, heads, T, v_dim)."""
+        ...
+
+
+@runtime_checkable
 class PagedCache(Protocol):
     """Per-forward view of a KV cache for a batch of B rows with T new tokens each."""
 
@@ -42,9 +55,10 @@ class PagedCache(Protocol):
         """All keys/values each row may attend to, this step's included: (B, heads, L, dim)."""
         ...
 
-    def attention_mask(self) -> torch.Tensor | None:
+    def attention_mask(self) -> torch.Tensor | AttentionPlan | None:
         """Boolean (B, 1, T, L), True where a query may attend a key; None means every row is
-        dense and the T new tokens are the last T of the L keys (plain causal attention)."""
+        dense and the T new tokens are the last T of the L keys (plain causal attention); or an
+        `AttentionPlan` that attends over the cache's own layout."""
         ...
 
 

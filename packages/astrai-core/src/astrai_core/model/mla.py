@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from astrai_core.model.attention import scaled_attention
-from astrai_core.model.cache import KVSpec, PagedCache
+from astrai_core.model.cache import AttentionPlan, KVSpec, PagedCache
 from astrai_core.model.config import ModelConfig
 from astrai_core.model.linear import Linear
 from astrai_core.model.norm import RMSNorm
@@ -53,7 +53,7 @@ class MLA(nn.Module):
         self,
         x: torch.Tensor,
         rotary_emb: tuple[torch.Tensor, torch.Tensor],
-        attn_mask: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | AttentionPlan | None = None,
         paged_cache: PagedCache | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape

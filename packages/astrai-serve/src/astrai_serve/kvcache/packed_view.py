@@ -1,0 +1,163 @@
+"""`PackedView`: the `PagedCache` (and `AttentionPlan`) of one engine step, with every scheduled
+token packed into a single row (1, N): decode tokens first, then prefill chunks.
+
+Packing lets the linear layers, which are most of the compute, run once per step on all N
+tokens: the weights are read once, and no token is padding. Attention must not mix sequences,
+so the model hands it back to this view (`attention_mask()` returns the view itself as the
+plan), which runs:
+- decode rows in a few groups of similar length, one SDPA each: (B_g, Hkv, rep, D) queries
+  (each KV head's query heads folded into the query axis) over (B_g, Hkv, L_g, D) keys padded
+  to the group's longest row under a mask; grouping by length keeps that padding small;
+- each prefill chunk alone: its T queries over its L = start + T keys, causally.
+
+Packed key axis (what `gather` returns, per layer): the decode groups' pages, B_g x P_g each,
+then each prefill chunk's pages, copied from storage in one `index_select` per tensor. When the
+step holds only fresh prompts (nothing cached), the keys are exactly this step's and nothing is
+copied.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import pairwise
+
+import torch
+import torch.nn.functional as F
+
+from astrai_serve.kvcache.storage import Storage
+
+GROUP_RATIO = 0.75  # a decode row joins a group while it needs this share of its longest row's pages
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One task's share of a step: `n_new` tokens after `start` computed ones, on `pages`."""
+
+    pages: list[int]
+    start: int
+    n_new: int
+
+
+@dataclass(frozen=True)
+class _DecodeGroup:
+    q_off: int
+    rows: int
+    k_off: int
+    width: int  # keys per row in the packed axis (pages x page_size)
+    length: int  # keys per row that attention reads (the group's longest row)
+    mask: torch.Tensor | None  # (rows, 1, 1, length), None when every row is that long
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    q_off: int
+    n_new: int
+    k_off: int
+    length: int
+    mask: torch.Tensor | None  # (n_new, length) bottom-right causal, None for is_causal
+
+
+class PackedView:
+    def __init__(self, storage: Storage, decode: Sequence[Segment], prefill: Sequence[Segment]) -> None:
+        """`decode` segments (one new token each) must come longest first."""
+        self._storage = storage
+        device = storage.device
+        self._fresh = not decode and all(s.start == 0 for s in prefill)
+        self._new: tuple[torch.Tensor, torch.Tensor] | None = None
+        positions = [s.start for s in decode] + [p for s in prefill for p in range(s.start, s.start + s.n_new)]
+        self.position_ids = torch.tensor(positions, dtype=torch.long, device=device)[None]  # (1, N)
+        self._slots = self._token_slots(decode, prefill)
+        pages: list[int] = []
+        self._groups = self._plan_decode(decode, pages)
+        self._chunks = self._plan_prefill(prefill, pages, q_off=len(decode))
+        self._pages = torch.tensor(pages, dtype=torch.long, device=device)
+
+    # -- layout ------------------------------------------------------------------------------
+    def _token_slots(self, decode: Sequence[Segment], prefill: Sequence[Segment]) -> torch.Tensor:
+        ps, slots = self._storage.page_size, []
+        for seg in [*decode, *prefill]:
+            slots += [seg.pages[p // ps] * ps + p % ps for p in range(seg.start, seg.start + seg.n_new)]
+        return torch.tensor(slots, dtype=torch.long, device=self._storage.device)
+
+    def _plan_decode(self, decode: Sequence[Segment], pages: list[int]) -> list[_DecodeGroup]:
+        ps, groups, i = self._storage.page_size, [], 0
+        assert all(a.start >= b.start for a, b in pairwise(decode)), "decode: longest first"
+        while i < len(decode):
+            n_pages = -(-(decode[i].start + 1) // ps)
+            j = i
+            while j < len(decode) and -(-(decode[j].start + 1) // ps) >= GROUP_RATIO * n_pages:
+                j += 1
+            rows = decode[i:j]
+            lengths = [s.start + 1 for s in rows]
+            for s in rows:
+                pages += s.pages[:n_pages] + [0] * (n_pages - min(len(s.pages), n_pages))
+            mask = None
+            if min(lengths) != lengths[0]:
+                lens = torch.tensor(lengths, device=self._storage.device)
+                mask = (torch.arange(lengths[0], device=lens.device) < lens[:, None])[:, None, None]
+            groups.append(_DecodeGroup(i, j - i, (len(pages) - (j - i) * n_pages) * ps,
+                                       n_pages * ps, lengths[0], mask))
+            i = j
+        return groups
+
+    def _plan_prefill(self, prefill: Sequence[Segment], pages: list[int], q_off: int) -> list[_Chunk]:
+        ps, chunks = self._storage.page_size, []
+        for seg in prefill:
+            length = seg.start + seg.n_new
+            k_off = q_off if self._fresh else len(pages) * ps
+            if not self._fresh:
+                pages += seg.pages[: -(-length // ps)]
+            mask = None
+            if seg.n_new != length:  # bottom-right causal: query i sees keys up to start + i
+                mask = torch.ones(seg.n_new, length, dtype=torch.bool,
+                                  device=self._storage.device).tril(seg.start)
+            chunks.append(_Chunk(q_off, seg.n_new, k_off, length, mask))
+            q_off += seg.n_new
+        return chunks
+
+    # -- PagedCache ---------------------------------------------------------------------------
+    def write(self, layer_id: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k (1, k_heads, N, k_dim), v (1, v_heads, N, v_dim)."""
+        if self._fresh:
+            self._new = (k, v)
+        self._storage.write(layer_id, self._slots, k[0].transpose(0, 1), v[0].transpose(0, 1))
+
+    def gather(self, layer_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The packed key axis: (1, heads, keys, dim) each."""
+        if self._new is not None:
+            return self._new
+        k, v = self._storage.gather(layer_id, self._pages)
+        k = k.view(1, -1, k.shape[2], k.shape[3]).transpose(1, 2)
+        v = v.view(1, -1, v.shape[2], v.shape[3]).transpose(1, 2)
+        return k, v
+
+    def attention_mask(self) -> PackedView:
+        return self
+
+    # -- AttentionPlan ------------------------------------------------------------------------
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
+        """q (1, H, N, D); k/v (1, Hkv, keys, D) in the packed layout -> (1, H, N, v_dim)."""
+        outs = [self._attend_decode(g, q, k, v, scale) for g in self._groups]
+        outs += [self._attend_chunk(c, q, k, v, scale) for c in self._chunks]
+        return torch.cat(outs, dim=1)[None] if len(outs) > 1 else outs[0][None]
+
+    @staticmethod
+    def _attend_decode(g: _DecodeGroup, q, k, v, scale) -> torch.Tensor:
+        H, Hkv, D = q.shape[1], k.shape[1], q.shape[3]
+        qd = q[0, :, g.q_off : g.q_off + g.rows].transpose(0, 1).reshape(g.rows, Hkv, H // Hkv, D)
+
+        def rows_of(x: torch.Tensor) -> torch.Tensor:  # (1, Hkv, rows*width, d) -> (rows, Hkv, length, d)
+            block = x[0, :, g.k_off : g.k_off + g.rows * g.width].unflatten(1, (g.rows, g.width))
+            return block.transpose(0, 1)[:, :, : g.length]
+
+        out = F.scaled_dot_product_attention(qd, rows_of(k), rows_of(v), attn_mask=g.mask, scale=scale)
+        return out.reshape(g.rows, H, -1).transpose(0, 1)  # (H, rows, v_dim)
+
+    @staticmethod
+    def _attend_chunk(c: _Chunk, q, k, v, scale) -> torch.Tensor:
+        qc = q[:, :, c.q_off : c.q_off + c.n_new]
+        kc, vc = k[:, :, c.k_off : c.k_off + c.length], v[:, :, c.k_off : c.k_off + c.length]
+        out = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=c.mask, is_causal=c.mask is None,
+                                             scale=scale, enable_gqa=kc.shape[1] != qc.shape[1])
+        return out[0]  # (H, n_new, v_dim)

@@ -1,0 +1,211 @@
+"""What `astrai train` does between parsing and training: merge the option layers, locate the
+checkpoint to resume, build the model, the dataset and the `TrainConfig`, and estimate the run.
+
+Option layers, later ones win: TrainConfig defaults < OUT/launch.json (the options of the run
+being resumed, with --resume) < the --config TOML file < command-line flags.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from astrai_core import AutoModel, Checkpoint, Transformer, get_preset
+from astrai_data import DatasetFactory, ResumableDistributedSampler
+from astrai_train.config import TrainConfig
+from astrai_train.context import count_total_steps, resolve_device
+from astrai_train.resume import find_latest_checkpoint
+from astrai_train.strategies.base import count_tokens
+
+LAUNCH_FILE = "launch.json"
+# Options of `astrai train` that are not TrainConfig fields.
+RUN_OPTIONS = ("data", "model", "preset", "window_size", "stride")
+
+
+def option_name(f: Any) -> str:
+    """Flag / TOML key of a TrainConfig field (ckpt_dir is --out)."""
+    return f.metadata.get("flag", f.name)
+
+
+FIELD_OF_OPTION = {option_name(f): f.name for f in TrainConfig.value_fields()}
+KNOWN_KEYS = set(FIELD_OF_OPTION) | set(RUN_OPTIONS)
+
+
+@dataclass
+class LaunchOptions:
+    out: Path
+    data: Path
+    model: Path | None = None
+    preset: str | None = None
+    window_size: int | None = None
+    stride: int | None = None
+    resume: bool = False
+    values: dict[str, Any] = field(default_factory=dict)  # TrainConfig field -> value
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{path}: invalid TOML ({exc})") from None
+    unknown = sorted(set(data) - KNOWN_KEYS)
+    if unknown:
+        raise ValueError(f"{path}: unknown key(s) {', '.join(unknown)}; keys are the option names "
+                         "of `astrai train --help` with underscores (e.g. batch_size, out)")
+    return data
+
+
+def merge_options(flags: dict[str, Any], config_file: Path | None, resume: bool) -> LaunchOptions:
+    """Layer launch.json (when resuming), the TOML file and the flags given (non-None)."""
+    given = {k: v for k, v in flags.items() if v is not None}
+    top = {**(read_toml(config_file) if config_file else {}), **given}
+    if "out" not in top:
+        raise ValueError("--out is required: the folder for checkpoints and logs")
+    out = Path(top["out"])
+    base = _read_launch(out) if resume else {}
+    merged = {**base, **top}
+    if "data" not in merged:
+        raise ValueError("--data is required: a dataset file prepared by `astrai data prepare`")
+    values = {FIELD_OF_OPTION[k]: v for k, v in merged.items() if k in FIELD_OF_OPTION}
+    values["ckpt_dir"] = str(out)
+    run = {k: merged.get(k) for k in RUN_OPTIONS}
+    for key in ("data", "model"):
+        run[key] = Path(run[key]) if run[key] is not None else None
+    return LaunchOptions(out=out, resume=resume, values=values, **run)
+
+
+def _read_launch(out: Path) -> dict[str, Any]:
+    path = out / LAUNCH_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def write_launch(opts: LaunchOptions, config: TrainConfig) -> None:
+    """Record the options of this run in OUT, so `--resume` needs only --out."""
+    data = {name: getattr(opts, name) for name in RUN_OPTIONS}
+    # Absolute paths: a resumed run may start from another working directory.
+    data = {k: str(v.resolve()) if isinstance(v, Path) else v for k, v in data.items()
+            if v is not None}
+    by_field = {f: o for o, f in FIELD_OF_OPTION.items()}
+    data.update({by_field[k]: v for k, v in config.to_dict().items() if v is not None})
+    if config.tokenizer_dir is not None:
+        data["tokenizer"] = str(Path(config.tokenizer_dir).resolve())
+    opts.out.mkdir(parents=True, exist_ok=True)
+    (opts.out / LAUNCH_FILE).write_text(json.dumps(data, indent=2) + "\n")
+
+
+def locate_checkpoint(opts: LaunchOptions) -> Checkpoint | None:
+    latest = find_latest_checkpoint(opts.out)
+    if opts.resume:
+        if latest is None:
+            raise FileNotFoundError(f"--resume: no checkpoint in {opts.out}; drop --resume to "
+                                    "start a new run there")
+        return Checkpoint.load(latest)
+    if latest is not None:
+        raise FileExistsError(f"{opts.out} already holds checkpoints (latest: {latest.name}); "
+                              "pass --resume to continue that run, or choose another --out")
+    return None
+
+
+def build_model(opts: LaunchOptions, seed: int) -> tuple[nn.Module, Path | None]:
+    """-> (model in fp32, folder of the tokenizer files to copy into checkpoints)."""
+    if (opts.model is None) == (opts.preset is None):
+        raise ValueError("pass exactly one of --model DIR (start from a model folder) or "
+                         "--preset NAME --tokenizer DIR (start from random weights)")
+    tokenizer = opts.values.get("tokenizer_dir")
+    tokenizer = Path(tokenizer) if tokenizer is not None else None
+    if opts.model is not None:
+        model = AutoModel.from_pretrained(opts.model, dtype="float32")
+        has_tokenizer = (opts.model / "tokenizer.json").is_file()
+        return model, tokenizer or (opts.model if has_tokenizer else None)
+    if tokenizer is None:
+        raise ValueError(f"--preset {opts.preset} needs --tokenizer DIR: the vocabulary size "
+                         "comes from it, and checkpoints include it so they can be served")
+    config = get_preset(opts.preset, vocab_size=tokenizer_vocab_size(tokenizer))
+    torch.manual_seed(seed)
+    return Transformer(config), tokenizer
+
+
+def tokenizer_vocab_size(folder: Path) -> int:
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; --tokenizer must be a tokenizer folder "
+                                "(e.g. from `astrai tokenizer train`)")
+    try:  # core's AutoTokenizer when installed; else the tokenizer.json it wraps
+        from astrai_core.tokenizer import AutoTokenizer  # type: ignore[attr-defined]
+
+        return int(AutoTokenizer.from_pretrained(folder).vocab_size)
+    except ImportError:
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_file(str(path)).get_vocab_size()
+
+
+def build_config(opts: LaunchOptions) -> TrainConfig:
+    config = TrainConfig.from_dict(opts.values)  # every value is checked before loading anything
+    model, tok_dir = build_model(opts, config.random_seed)
+    if not opts.data.is_file():
+        raise FileNotFoundError(f"--data {opts.data} does not exist; prepare one with "
+                                "`astrai data prepare`")
+    window = opts.window_size
+    if window is None and config.strategy in ("seq", "sft"):
+        window = model.config.max_len  # one context window per sample
+    dataset = DatasetFactory.load(config.strategy, opts.data, window_size=window, stride=opts.stride)
+    return config.replace(model=model, dataset=dataset,
+                          tokenizer_dir=str(tok_dir) if tok_dir is not None else None)
+
+
+@dataclass
+class RunEstimate:
+    parameters: int
+    tokens_per_step: int
+    total_steps: int
+    done_steps: int
+    seconds: float | None
+
+
+def estimate_run(config: TrainConfig, checkpoint: Checkpoint | None) -> RunEstimate:
+    dataset, model = config.dataset, config.model
+    sampler = ResumableDistributedSampler(len(dataset), config.batch_size, seed=config.random_seed)
+    total = count_total_steps(config, sampler)
+    done = checkpoint.iteration if checkpoint is not None else 0
+    sample = [dataset[i] for i in range(config.batch_size)]
+    per_sample = sum(count_tokens(item) for item in sample) / len(sample)
+    tokens = round(per_sample * config.batch_size * config.accumulation_steps)
+    step_s = probe_step_seconds(config, sample)
+    seconds = None if step_s is None else step_s * max(total - done, 0)
+    return RunEstimate(model.num_parameters() if hasattr(model, "num_parameters")
+                       else sum(p.numel() for p in model.parameters()), tokens, total, done, seconds)
+
+
+def probe_step_seconds(config: TrainConfig, items: list[dict[str, Any]]) -> float | None:
+    """Time the forward+backward of one micro-batch (best of two) on the training device, with
+    the RNG forked and gradients cleared, so the run itself is not changed by it."""
+    model = config.model.to(resolve_device(config.device_type))
+    device = next(model.parameters()).device
+    ids = [v for item in items for k, v in item.items() if k.endswith("input_ids")]
+    if not ids or not all(isinstance(t, torch.Tensor) for t in ids):
+        return None  # prompt-only data: generation dominates and is not measured here
+    rows = [t.reshape(-1, t.shape[-1]) for t in ids]
+    width = max(r.shape[-1] for r in rows)
+    batch = torch.cat([torch.nn.functional.pad(r, (0, width - r.shape[-1])) for r in rows]).to(device)
+    best = float("inf")
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for _ in range(2):
+            t0 = time.perf_counter()
+            model(batch).float().logsumexp(-1).mean().backward()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - t0)
+    model.zero_grad(set_to_none=True)
+    # Reference forward passes of DPO/GRPO cost about a third of a forward+backward more.
+    ref_cost = 4 / 3 if config.strategy in ("dpo", "grpo") else 1.0
+    return best * ref_cost * config.accumulation_steps

@@ -1,0 +1,132 @@
+"""Exact checkpoint and resume: what a checkpoint holds and how a run is put back in that state.
+
+A checkpoint at step N is taken at the end of optimizer step N, so it holds the weights after
+N updates, the optimizer and schedule after N steps, the sampler position after the micro-
+batches those steps consumed, and every RNG state at that moment. A resumed run restores all of
+it (RNG states last, after everything that building the run may have drawn), then continues
+exactly where an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from astrai_core import Checkpoint
+from astrai_train.rng import capture_rng_state, restore_rng_state
+from astrai_train.strategies import BaseStrategy
+
+if TYPE_CHECKING:
+    from astrai_train.context import TrainContext
+
+STEP_DIR = re.compile(r"^step_(\d{8,})$")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def list_checkpoints(folder: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints in `folder` as (step, path), oldest first."""
+    root = Path(folder)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if (m := STEP_DIR.match(p.name)) and (p / "trainer_state.json").is_file()]
+    return sorted(found)
+
+
+def find_latest_checkpoint(folder: str | Path) -> Path | None:
+    found = list_checkpoints(folder)
+    return found[-1][1] if found else None
+
+
+def prune_checkpoints(folder: str | Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` checkpoints (0 keeps all)."""
+    if keep_last > 0:
+        for _, path in list_checkpoints(folder)[:-keep_last]:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def remove_stale_temp_dirs(folder: str | Path) -> None:
+    """Leftovers of a killed run: Checkpoint writes `.step_X.tmp-*` and renames it into place,
+    moving a folder it replaces to `.step_X.old-*` first."""
+    root = Path(folder)
+    if root.is_dir():
+        for pattern in (".step_*.tmp-*", ".step_*.old-*"):
+            for path in root.glob(pattern):
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def tokenizer_files(folder: str | Path | None) -> dict[str, Path]:
+    if folder is None:
+        return {}
+    return {name: Path(folder) / name for name in TOKENIZER_FILES if (Path(folder) / name).is_file()}
+
+
+def reference_checksum(strategy: BaseStrategy) -> float | None:
+    """A fingerprint of the frozen reference weights, to refuse resuming against another one."""
+    refs = strategy.reference_models()
+    if not refs:
+        return None
+    with torch.no_grad():
+        return float(sum(p.double().sum() for ref in refs for p in ref.parameters()))
+
+
+def build_checkpoint(ctx: TrainContext) -> Checkpoint:
+    trainer = {"iteration": ctx.iteration, "epoch": ctx.epoch, "tokens_seen": ctx.tokens_seen,
+               "samples_seen": ctx.samples_seen, "reference_checksum": ctx.reference_checksum,
+               "config": ctx.config.to_dict()}
+    states: dict[str, Any] = {
+        "optimizer": ctx.optimizer.state_dict(),
+        "scheduler": ctx.scheduler.state_dict() if ctx.scheduler is not None else {},
+        "sampler": ctx.sampler.state_dict(),
+        "rng": capture_rng_state(),
+        "trainer": trainer,
+    }
+    return Checkpoint(ctx.model_state_dict(), epoch=ctx.epoch, iteration=ctx.iteration,
+                      config=getattr(ctx.raw_model, "config", None), states=states,
+                      files=tokenizer_files(ctx.config.tokenizer_dir))
+
+
+def load_model_state(model: nn.Module, checkpoint: Checkpoint) -> None:
+    try:
+        model.load_state_dict(checkpoint.state_dict, strict=True)
+    except RuntimeError as exc:
+        raise ValueError(f"the checkpoint's weights do not fit this model ({exc}); resume with "
+                         "the same --model/--preset as the run that wrote it") from None
+
+
+def restore_training_state(ctx: TrainContext, checkpoint: Checkpoint) -> None:
+    states = checkpoint.states
+    missing = [g for g in ("optimizer", "sampler", "rng", "trainer") if g not in states]
+    if missing:
+        raise ValueError(f"the checkpoint lacks training state ({', '.join(missing)}): it is a "
+                         "model folder, not a training checkpoint; start a new run from it instead")
+    trainer = states["trainer"]
+    _check_compatible(ctx, trainer)
+    ctx.optimizer.load_state_dict(states["optimizer"])
+    if ctx.scheduler is not None and states.get("scheduler"):
+        ctx.scheduler.load_state_dict(states["scheduler"])
+    ctx.sampler.load_state_dict(states["sampler"])
+    ctx.iteration, ctx.epoch = int(trainer["iteration"]), int(trainer["epoch"])
+    ctx.tokens_seen, ctx.samples_seen = int(trainer["tokens_seen"]), int(trainer["samples_seen"])
+    restore_rng_state(states["rng"])
+
+
+def _check_compatible(ctx: TrainContext, trainer: dict[str, Any]) -> None:
+    saved = trainer.get("config", {})
+    if saved.get("strategy", ctx.config.strategy) != ctx.config.strategy:
+        raise ValueError(f"the checkpoint was written by a '{saved['strategy']}' run; resume it "
+                         f"with --strategy {saved['strategy']} or start a new run in another --out")
+    want, have = trainer.get("reference_checksum"), ctx.reference_checksum
+    if want is not None and have is not None and want != have:
+        raise ValueError("the reference model differs from the one this run started with; "
+                         "resume with the same --model (the starting policy), not a checkpoint")

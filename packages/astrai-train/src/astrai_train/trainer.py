@@ -1,0 +1,199 @@
+"""`Trainer`: the training loop. One optimizer step is: take the next accumulation window of
+micro-batches, forward/backward each (scaled so the window acts as one batch), then on_step_begin
+(clipping), the finiteness check, the update, and on_step_end (schedule, logs, checkpoints)."""
+
+from __future__ import annotations
+
+import math
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn.utils import get_total_norm
+
+from astrai_core import Checkpoint
+from astrai_train.callbacks import CallbackFactory, TrainCallback
+from astrai_train.config import TrainConfig
+from astrai_train.context import TrainContext, TrainContextBuilder
+from astrai_train.strategies.base import Batch, count_tokens
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss or the gradient norm of a step is NaN or infinite; the step was not applied."""
+
+
+def window_scales(weights: list[float], average: bool) -> list[float]:
+    """Loss multipliers of the micro-batches of one window: each batch's share of the window's
+    units (tokens, pairs), so the summed gradients equal those of the window as one batch."""
+    total = sum(weights)
+    if not average:
+        return [1.0] * len(weights)
+    if total <= 0:  # no unit counts at all (e.g. no assistant token): losses are 0 anyway
+        return [1.0 / len(weights)] * len(weights)
+    return [w / total for w in weights]
+
+
+@contextmanager
+def stop_on_signals(context: TrainContext) -> Iterator[None]:
+    """Ctrl-C and SIGTERM ask the loop to stop after the current optimizer step (which then
+    checkpoints and exits cleanly); a second Ctrl-C interrupts at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be installed from the main thread
+        return
+
+    def request_stop(signum: int, frame: Any) -> None:
+        if context.stop_requested is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        context.stop_requested = signal.Signals(signum).name
+
+    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+class Trainer:
+    """Trainer(config, callbacks).train(checkpoint=None) -> the final TrainContext.
+
+    `callbacks` run after the defaults (clipping, scheduler, metric log, checkpoints, progress
+    bar). `strategy_kwargs` are objects handed to the strategy, e.g. a `rollout_source`.
+    """
+
+    def __init__(self, train_config: TrainConfig, callbacks: list[TrainCallback] | None = None,
+                 strategy_kwargs: dict[str, Any] | None = None) -> None:
+        train_config.validate()
+        self.train_config = train_config
+        self.strategy_kwargs = dict(strategy_kwargs or {})
+        self.callbacks = self._get_default_callbacks() + list(callbacks or [])
+
+    def train(self, checkpoint: Checkpoint | str | Path | None = None) -> TrainContext:
+        if isinstance(checkpoint, (str, Path)):
+            checkpoint = Checkpoint.load(checkpoint)
+        context = self._build_context(checkpoint)
+        context.model.train()
+        with stop_on_signals(context):
+            try:
+                self._emit("on_train_begin", context)
+                self._run(context)
+                self._emit("on_train_end", context)
+            except BaseException:
+                self._emit_error(context)
+                raise
+        return context
+
+    def _build_context(self, checkpoint: Checkpoint | None) -> TrainContext:
+        builder = TrainContextBuilder(self.train_config).with_checkpoint(checkpoint)
+        return builder.with_strategy_kwargs(**self.strategy_kwargs).build()
+
+    def _get_default_callbacks(self) -> list[TrainCallback]:
+        cfg = self.train_config
+        log_dir = cfg.log_dir if cfg.log_dir is not None else Path(cfg.ckpt_dir) / "logs"
+        callbacks = [
+            CallbackFactory.create("gradient_clipping", max_grad_norm=cfg.max_grad_norm),
+            CallbackFactory.create("scheduler"),
+            CallbackFactory.create("metric_logger", log_dir=log_dir, save_interval=cfg.log_interval),
+            CallbackFactory.create("checkpoint", save_dir=cfg.ckpt_dir, interval=cfg.ckpt_interval,
+                                   keep_last=cfg.keep_last),
+        ]
+        if cfg.progress_bar:
+            callbacks.append(CallbackFactory.create("progress_bar", num_epoch=cfg.n_epoch))
+        return callbacks
+
+    # -- the loop ----------------------------------------------------------------------------
+    def _run(self, ctx: TrainContext) -> None:
+        cfg = ctx.config
+        while ctx.epoch < cfg.n_epoch and not self._should_stop(ctx):
+            ctx.sampler.set_epoch(ctx.epoch)  # keeps a restored mid-epoch position
+            ctx.loader_generator.manual_seed(cfg.random_seed * 100_003 + ctx.epoch)
+            self._emit("on_epoch_begin", ctx)
+            batches = iter(ctx.dataloader)
+            while not self._should_stop(ctx):
+                window = list(islice(batches, cfg.accumulation_steps))
+                if not window:
+                    break
+                self._train_step(ctx, window)  # a short last window is stepped too
+            if self._should_stop(ctx):
+                return
+            self._emit("on_epoch_end", ctx)
+            ctx.epoch += 1
+
+    @staticmethod
+    def _should_stop(ctx: TrainContext) -> bool:
+        max_steps = ctx.config.max_steps
+        return ctx.stop_requested is not None or (max_steps is not None and ctx.iteration >= max_steps)
+
+    def _train_step(self, ctx: TrainContext, window: list[Any]) -> None:
+        strategy = ctx.strategy
+        batches = [strategy.prepare_batch(b) for b in window]
+        weights = [strategy.loss_weight(b) for b in batches]
+        scales = window_scales(weights, strategy.average_over_window)
+        shares = window_scales(weights, average=True)  # metrics are always window means
+        loss = torch.zeros((), device=ctx.device)
+        ctx.step_metrics, ctx.step_tokens, samples = {}, 0, 0
+        # Distributed (later release): all but the last micro-batch run under the wrapper's
+        # no_sync(), so gradients are all-reduced once per step.
+        for batch, scale, share in zip(batches, scales, shares, strict=True):
+            self._emit("on_batch_begin", ctx)
+            loss += self._forward_backward(ctx, batch, scale, share)
+            ctx.sampler.advance()
+            ctx.step_tokens += count_tokens(batch)
+            samples += len(next(iter(batch.values())))
+            self._emit("on_batch_end", ctx)
+        ctx.samples_seen += samples  # before on_step_end, so checkpoints count this step
+        self._update(ctx, loss)
+
+    def _forward_backward(self, ctx: TrainContext, batch: Batch, scale: float,
+                          share: float) -> torch.Tensor:
+        strategy = ctx.strategy
+        device_batch = strategy.move_to_device(batch)
+        with ctx.autocast():
+            loss = strategy.compute_loss(device_batch)
+        (loss * scale).backward()
+        for name, value in strategy.metrics.items():
+            ctx.step_metrics[name] = ctx.step_metrics.get(name, 0.0) + value.detach().float() * share
+        return loss.detach().float() * scale
+
+    def _update(self, ctx: TrainContext, loss: torch.Tensor) -> None:
+        ctx.step_grad_norm = None
+        self._emit("on_step_begin", ctx)  # clipping sets the pre-clip norm
+        norm = ctx.step_grad_norm
+        if norm is None:
+            grads = [p.grad for p in ctx.raw_model.parameters() if p.grad is not None]
+            norm = get_total_norm(grads) if grads else torch.zeros((), device=ctx.device)
+        # The step's one host sync: the finiteness check needs both values, logging reuses them.
+        loss_value, norm_value = torch.stack([loss, norm.float().to(loss.device)]).tolist()
+        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+            raise self._non_finite_error(ctx, loss_value, norm_value)
+        ctx.loss, ctx.grad_norm = loss_value, norm_value
+        ctx.lr = float(ctx.optimizer.param_groups[0]["lr"])
+        ctx.optimizer.step()
+        ctx.optimizer.zero_grad(set_to_none=True)
+        ctx.iteration += 1
+        ctx.tokens_seen += ctx.step_tokens
+        self._emit("on_step_end", ctx)
+
+    @staticmethod
+    def _non_finite_error(ctx: TrainContext, loss: float, norm: float) -> NonFiniteLossError:
+        last = ctx.last_checkpoint or "none (no checkpoint was written yet)"
+        return NonFiniteLossError(
+            f"step {ctx.iteration + 1}: non-finite {'loss' if not math.isfinite(loss) else 'gradient'}"
+            f" (loss {loss}, gradient norm {norm}); the update was not applied and training "
+            f"stopped. The last good checkpoint is {last}. Lower the learning rate, clip "
+            "gradients (--max-grad-norm) or check the data of this step.")
+
+    # -- callbacks ---------------------------------------------------------------------------
+    def _emit(self, hook: str, ctx: TrainContext) -> None:
+        for callback in self.callbacks:
+            getattr(callback, hook)(ctx)
+
+    def _emit_error(self, ctx: TrainContext) -> None:
+        for callback in self.callbacks:
+            with suppress(Exception):  # never hide the error that stopped training
+                callback.on_error(ctx)
