@@ -131,14 +131,33 @@ class InferenceEngine:
         text: bool = False,
     ) -> GenerateResult:
         """Queue one request and return its live result at once (non-blocking)."""
+        task = self._task(prompt_ids, params, text)
+        self.scheduler.add_task(task)
+        return task.result
+
+    def submit_many(
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+        text: bool = False,
+    ) -> list[GenerateResult]:
+        """Queue several requests atomically (non-blocking): they enter the same step, so a
+        batch of seeded requests is reproducible run after run (online RL, evaluation)."""
+        if params is None or isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
+        tasks = [self._task(p, sp, text) for p, sp in zip(prompts, params, strict=True)]
+        self.scheduler.add_tasks(tasks)
+        return [t.result for t in tasks]
+
+    def _task(self, prompt_ids: Sequence[int], params: SamplingParams | None, text: bool) -> Task:
         params = params or SamplingParams(max_tokens=self.default_max_tokens)
         prompt = [int(t) for t in prompt_ids]
         request_id = f"req-{next(self._ids)}"
         result = GenerateResult(request_id, len(prompt))
-        task = Task(request_id, prompt, params, result=result, text=self._text_output(params, text),
+        return Task(request_id, prompt, params, result=result, text=self._text_output(params, text),
                     stop_ids=self._stop_ids_for(params), generator=self._generator(params))
-        self.scheduler.add_task(task)
-        return result
 
     def abort(self, request_id: str) -> None:
         self.scheduler.remove_task(request_id)
@@ -151,21 +170,27 @@ class InferenceEngine:
         **options: Any,
     ) -> list[GenerateResult]:
         """Generate `n` samples per prompt and wait; results are grouped by prompt
-        (prompt 0's n samples first). With a seed, sample i uses seed + i. With n > 1 the other
-        samples start once the first has computed the prompt, so they read it from the prefix
-        cache instead of computing it n times."""
+        (prompt 0's n samples first). With a seed, sample i uses seed + i. With n > 1 and the
+        prefix cache on, the other samples start once the first has computed the prompt, so they
+        read it from the cache instead of computing it n times; otherwise every request enters
+        at once, which makes seeded results reproducible run after run."""
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         base = params or SamplingParams(**{"max_tokens": self.default_max_tokens, **options})
         samples = [dataclasses.replace(base, seed=None if base.seed is None else base.seed + i)
                    for i in range(n)]
-        firsts = [self.submit(prompt, samples[0]) for prompt in prompts]
-        if n > 1 and self.kvcache.enable_prefix_cache:
-            for r in firsts:  # the prompt's pages are cached once its first token exists
-                r.wait_first_token()
-        results = [[first, *(self.submit(prompt, p) for p in samples[1:])]
-                   for first, prompt in zip(firsts, prompts, strict=True)]
-        return [r.wait_completion() for group in results for r in group]
+        if n == 1 or not self.kvcache.enable_prefix_cache:
+            # All at once: the same requests run in the same steps every time.
+            grouped = [(prompt, p) for prompt in prompts for p in samples]
+            results = self.submit_many([g[0] for g in grouped], [g[1] for g in grouped])
+            return [r.wait_completion() for r in results]
+        firsts = self.submit_many(prompts, samples[0])
+        for r in firsts:  # the prompt's pages are cached once its first token exists
+            r.wait_first_token()
+        rest = self.submit_many([prompt for prompt in prompts for _ in samples[1:]],
+                                [p for _ in prompts for p in samples[1:]])
+        groups = [[first, *rest[i * (n - 1):(i + 1) * (n - 1)]] for i, first in enumerate(firsts)]
+        return [r.wait_completion() for group in groups for r in group]
 
     # -- text ---------------------------------------------------------------------------------
     def generate(

@@ -80,6 +80,13 @@ class InferenceScheduler:
         self._post("add", task)
         return task.task_id
 
+    def add_tasks(self, tasks: list[Task]) -> None:
+        """Queue several tasks at once: the step loop sees all of them at the same step boundary,
+        so the steps they run in (and so their numerics) do not depend on thread timing."""
+        for task in tasks:
+            self._check_fits(task)
+        self._post("add_many", list(tasks))
+
     def remove_task(self, task_id: str) -> None:
         """Abort a task (client gone); its pages are freed at the next step boundary."""
         self._post("abort", task_id)
@@ -245,6 +252,8 @@ class InferenceScheduler:
         for kind, payload in items:
             if kind == "add":
                 self.waiting_queue.append(payload)
+            elif kind == "add_many":
+                self.waiting_queue.extend(payload)
             elif kind == "abort":
                 self._abort(payload)
             else:
@@ -283,6 +292,7 @@ class InferenceScheduler:
             items, self._inbox = list(self._inbox), deque()
         tasks = [*self.waiting_queue, *self.active_tasks]
         tasks += [p for kind, p in items if kind == "add"]
+        tasks += [t for kind, p in items if kind == "add_many" for t in p]
         self.waiting_queue.clear()
         self.active_tasks.clear()
         for task in tasks:
