@@ -33,9 +33,10 @@ def test_start_epoch_must_be_below_n_epoch():
         TrainConfig(n_epoch=2, start_epoch=2)
 
 
-def test_distributed_is_refused_with_what_to_do():
-    with pytest.raises(ValueError, match=r"TrainConfig\.nprocs=2: .*set nprocs=1"):
-        TrainConfig(nprocs=2)
+def test_nprocs_above_one_is_accepted_and_below_one_refused():
+    assert TrainConfig(nprocs=2).nprocs == 2
+    with pytest.raises(ValueError, match=r"TrainConfig\.nprocs must be an integer >= 1"):
+        TrainConfig(nprocs=0)
 
 
 def test_validate_rechecks_after_mutation():

@@ -14,6 +14,17 @@ from astrai_train.callbacks import (
 )
 from astrai_train.config import TrainConfig
 from astrai_train.context import TrainContext, TrainContextBuilder
+from astrai_train.parallel import (
+    ColumnParallelLinear,
+    DistributedWorkerError,
+    ParallelModel,
+    RowParallelLinear,
+    get_current_device,
+    get_rank,
+    get_world_size,
+    setup_parallel,
+    spawn_parallel_fn,
+)
 from astrai_train.resume import find_latest_checkpoint
 from astrai_train.schedulers import (
     BaseScheduler,
@@ -36,10 +47,12 @@ from astrai_train.trainer import NonFiniteLossError, Trainer
 __version__ = _version("astrai-train")
 
 __all__ = [
-    "BaseScheduler", "BaseStrategy", "CallbackFactory", "CheckpointCallback", "ConstantScheduler",
-    "CosineScheduler", "DPOStrategy", "GRPOStrategy", "GradientClippingCallback",
-    "MetricLoggerCallback", "NonFiniteLossError", "ProgressBarCallback", "RolloutSource",
-    "SEQStrategy", "SFTStrategy", "SGDRScheduler", "SchedulerCallback", "SchedulerFactory",
-    "StrategyFactory", "TrainCallback", "TrainConfig", "TrainContext", "TrainContextBuilder",
-    "Trainer", "find_latest_checkpoint",
+    "BaseScheduler", "BaseStrategy", "CallbackFactory", "CheckpointCallback",
+    "ColumnParallelLinear", "ConstantScheduler", "CosineScheduler", "DPOStrategy",
+    "DistributedWorkerError", "GRPOStrategy", "GradientClippingCallback",
+    "MetricLoggerCallback", "NonFiniteLossError", "ParallelModel", "ProgressBarCallback",
+    "RolloutSource", "RowParallelLinear", "SEQStrategy", "SFTStrategy", "SGDRScheduler",
+    "SchedulerCallback", "SchedulerFactory", "StrategyFactory", "TrainCallback", "TrainConfig",
+    "TrainContext", "TrainContextBuilder", "Trainer", "find_latest_checkpoint",
+    "get_current_device", "get_rank", "get_world_size", "setup_parallel", "spawn_parallel_fn",
 ]

@@ -11,6 +11,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+import torch
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -27,6 +28,18 @@ from astrai_train.launch import (
     option_name,
     write_launch,
 )
+from astrai_train.parallel.launch import RunSummary, train_spawned
+from astrai_train.parallel.setup import (
+    DistributedWorkerError,
+    cleanup_parallel,
+    communication_error,
+    get_rank,
+    get_world_size,
+    in_torchrun,
+    is_communication_error,
+    setup_from_env,
+)
+from astrai_train.resume import find_latest_checkpoint
 from astrai_train.trainer import NonFiniteLossError, Trainer
 
 console = Console()
@@ -108,6 +121,9 @@ def start_table(config: TrainConfig, estimate: RunEstimate) -> Table:
     table.add_row("estimated time", _duration(estimate.seconds))
     table.add_row("samples per step",
                   f"{config.batch_size} x {config.accumulation_steps} accumulation")
+    if config.nprocs > 1 or get_world_size() > 1:
+        world = max(config.nprocs, get_world_size())
+        table.add_row("processes", f"{world} ({config.parallel}; batch and tokens are per process)")
     table.add_row("output", config.ckpt_dir)
     return table
 
@@ -124,21 +140,54 @@ def train_command(**options: Any) -> None:
     config_file, resume = options.pop("config"), options.pop("resume")
     options["extra_kwargs"] = parse_extra(options.get("extra_kwargs"))
     opts: LaunchOptions = merge_options(options, config_file, resume)
+    torchrun = in_torchrun()  # torchrun started this process: join its process group
+    if torchrun:
+        values = TrainConfig.from_dict(opts.values)
+        setup_from_env(values.backend, values.device_type, values.dist_timeout_s)
+    try:
+        summary = _train(opts, torchrun)
+    except (NonFiniteLossError, DistributedWorkerError) as exc:
+        if isinstance(exc, DistributedWorkerError) and exc.details:
+            err_console.print(exc.details.rstrip(), style="dim", highlight=False, markup=False)
+        err_console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    except Exception as exc:
+        if not (torchrun and is_communication_error(exc)):
+            raise
+        err = communication_error(exc, TrainConfig.from_dict(opts.values).dist_timeout_s)
+        err_console.print(f"[red]error:[/] rank {get_rank()}: {escape(str(err))}",
+                          highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    finally:
+        if torchrun:
+            cleanup_parallel()
+    if summary is None:
+        return
+    where = summary.last_checkpoint or "no checkpoint"
+    if summary.stop_requested:
+        console.print(f"stopped by {summary.stop_requested} after step {summary.iteration}; "
+                      f"saved {where}. Continue with: astrai train --out {opts.out} --resume")
+    else:
+        console.print(f"done: {summary.iteration} steps, final loss {summary.loss:.4f}; saved {where}")
+
+
+def _train(opts: LaunchOptions, torchrun: bool) -> RunSummary | None:
+    """Train in this process, or in `--nprocs` spawned ones; -> rank 0's summary (else None)."""
     checkpoint = locate_checkpoint(opts)
     config = build_config(opts)
-    write_launch(opts, config)
-    console.print(start_table(config, estimate_run(config, checkpoint)))
-    try:
-        context = Trainer(config).train(checkpoint)
-    except NonFiniteLossError as exc:
-        err_console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from None
-    where = context.last_checkpoint or "no checkpoint"
-    if context.stop_requested:
-        console.print(f"stopped by {context.stop_requested} after step {context.iteration}; "
-                      f"saved {where}. Continue with: astrai train --out {config.ckpt_dir} --resume")
-    else:
-        console.print(f"done: {context.iteration} steps, final loss {context.loss:.4f}; saved {where}")
+    main = get_rank() == 0
+    if main:
+        write_launch(opts, config)
+        console.print(start_table(config, estimate_run(config, checkpoint)))
+    if config.nprocs > 1 and not torchrun:
+        where = find_latest_checkpoint(opts.out) if checkpoint is not None else None
+        values = config.replace(model=None, dataset=None)  # the workers build their own
+        del config
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the estimate's model leaves GPU 0 to the workers
+        return train_spawned(opts, values, where)
+    context = Trainer(config).train(checkpoint)
+    return RunSummary.of(context) if main else None
 
 
 def _command() -> Any:

@@ -18,6 +18,8 @@ from typing import Any
 from torch import nn
 from torch.utils.data import Dataset
 
+from astrai_train.parallel.wrap import PARALLEL_MODES
+
 DEVICE_TYPES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
 DPO_REDUCTIONS = ("mean", "sum")
@@ -45,7 +47,7 @@ class TrainConfig:
     scheduler_fn: Callable[..., Any] | None = _obj(
         "optimizer -> LR scheduler; default from `scheduler` and its fields.")
     parallel_wrapper: Callable[..., Any] | None = _obj(
-        "model -> wrapped model (DDP/FSDP in the distributed release).")
+        "model -> wrapped model; overrides `parallel` (e.g. a custom FSDP/TP plan).")
     state_dict_fn: Callable[..., Any] | None = _obj(
         "model -> state dict to checkpoint; default model.state_dict().")
 
@@ -58,6 +60,16 @@ class TrainConfig:
     grpo_kl_coef: float = _opt(0.04, "GRPO weight lambda of the squared log-ratio KL term.")
     grpo_group_size: int | None = _opt(
         None, "GRPO responses per prompt; checked against the data (unset: taken from it).")
+    grpo_online: bool = _opt(
+        False, "Online GRPO: sample each group from the live policy through astrai-serve and "
+        "score it with --reward (needs the rl extra of astrai-train; the data holds prompts only).",
+        flag="online")
+    grpo_reward: str = _opt(
+        "exact_answer", "Online GRPO reward: a built-in (exact_answer, format) or "
+        "module:function; several, comma-separated, are averaged.", flag="reward")
+    grpo_max_new_tokens: int = _opt(64, "Online GRPO: tokens per sampled response at most.")
+    grpo_temperature: float = _opt(1.0, "Online GRPO: sampling temperature of the rollouts.")
+    grpo_top_p: float = _opt(1.0, "Online GRPO: nucleus (top-p) sampling of the rollouts.")
     extra_kwargs: dict[str, Any] = _opt(
         {}, "Extra keyword arguments for the strategy (KEY=VALUE on the command line).")
 
@@ -105,11 +117,18 @@ class TrainConfig:
     prefetch_factor: int = _opt(2, "Batches each worker loads ahead.")
     pin_memory: bool = _opt(False, "Pin host memory of batches (faster copies to the GPU).")
 
-    # -- distributed (single process until the distributed release) ---------------------
-    nprocs: int = _opt(1, "Processes per node (distributed training: a later release).")
-    backend: str = _opt("auto", "torch.distributed backend: auto, nccl or gloo.")
-    master_addr: str = _opt("localhost", "Rendezvous address of process 0.")
-    master_port: str = _opt("29500", "Rendezvous port of process 0.")
+    # -- distributed (docs: packages/astrai-train/README.md, "Distributed training") -------
+    nprocs: int = _opt(1, "Processes to spawn on this machine (one per GPU; under torchrun: "
+                       "ignored, torchrun starts the processes).")
+    parallel: str = _opt("auto", "Data parallelism across processes: auto (ddp with more than "
+                         "one), none, ddp or fsdp (FSDP2: shards weights, grads, optimizer).")
+    backend: str = _opt("auto", "torch.distributed backend: auto (nccl on CUDA, gloo on CPU), "
+                        "nccl or gloo.")
+    master_addr: str = _opt("localhost", "Rendezvous address of process 0 (spawned runs).")
+    master_port: str = _opt("auto", "Rendezvous port of process 0 (spawned runs): a number, or "
+                            "auto to pick a free one.")
+    dist_timeout_s: float = _opt(600.0, "Seconds a collective may wait for the other processes "
+                                 "before failing (a dead or stuck rank ends the run, no hang).")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -119,9 +138,11 @@ class TrainConfig:
         _check_choices(self)
         _check_ints(self)
         _check_floats(self)
-        if self.nprocs != 1:
-            raise ValueError(f"TrainConfig.nprocs={self.nprocs}: distributed training arrives in a "
-                             "later release of astrai-train; set nprocs=1")
+        if self.grpo_online and self.strategy != "grpo":
+            raise ValueError(f"TrainConfig.grpo_online (--online) is for the grpo strategy, not "
+                             f"'{self.strategy}'; add --strategy grpo or drop --online")
+        if str(self.master_port) != "auto" and not str(self.master_port).isdigit():
+            _fail("master_port", "a port number or 'auto'", self.master_port)
         if not isinstance(self.extra_kwargs, dict):
             raise ValueError("TrainConfig.extra_kwargs must be a dict of strategy keyword arguments")
 
@@ -159,7 +180,8 @@ def _check_choices(cfg: TrainConfig) -> None:
     choices = {"strategy": StrategyFactory.list_registered(),
                "scheduler": SchedulerFactory.list_registered(),
                "dpo_reduction": DPO_REDUCTIONS, "device_type": DEVICE_TYPES,
-               "precision": PRECISIONS, "backend": ("auto", "nccl", "gloo")}
+               "precision": PRECISIONS, "backend": ("auto", "nccl", "gloo"),
+               "parallel": PARALLEL_MODES}
     for name, allowed in choices.items():
         if getattr(cfg, name) not in allowed:
             _fail(name, "one of " + ", ".join(allowed), getattr(cfg, name))
@@ -173,7 +195,7 @@ def _check_ints(cfg: TrainConfig) -> None:
     minimum = {"n_epoch": 1, "batch_size": 1, "accumulation_steps": 1, "start_epoch": 0,
                "start_batch": 0, "warmup_steps": 0, "cycle_length": 1, "t_mult": 1,
                "ckpt_interval": 1, "keep_last": 0, "log_interval": 1, "num_workers": 0,
-               "prefetch_factor": 1, "nprocs": 1, "random_seed": 0}
+               "prefetch_factor": 1, "nprocs": 1, "random_seed": 0, "grpo_max_new_tokens": 1}
     optional = {"max_steps": 1, "lr_decay_steps": 1, "grpo_group_size": 2}
     for name, low in {**minimum, **optional}.items():
         value = getattr(cfg, name)
@@ -192,7 +214,9 @@ def _check_floats(cfg: TrainConfig) -> None:
               "adam_eps": (0, None, False, False), "max_grad_norm": (0, None, True, False),
               "min_rate": (0, 1, True, True), "label_smoothing": (0, 1, True, False),
               "dpo_beta": (0, None, False, False), "grpo_clip_eps": (0, 1, False, False),
-              "grpo_kl_coef": (0, None, True, False)}
+              "grpo_kl_coef": (0, None, True, False), "grpo_temperature": (0, None, False, False),
+              "dist_timeout_s": (0, None, False, False),
+              "grpo_top_p": (0, 1, False, True)}
     for name, (low, high, low_in, high_in) in ranges.items():
         value = getattr(cfg, name)
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -20,6 +20,15 @@ from torch.utils.data import DataLoader, Dataset
 from astrai_core import Checkpoint
 from astrai_data import ResumableDistributedSampler, collate_fn_for
 from astrai_train.config import TrainConfig
+from astrai_train.parallel import (
+    full_model_state_dict,
+    get_current_device,
+    get_rank,
+    get_world_size,
+    is_fsdp,
+    resolve_parallel,
+    wrap_parallel,
+)
 from astrai_train.resume import load_model_state, reference_checksum, restore_training_state
 from astrai_train.rng import seed_everything, seed_worker
 from astrai_train.schedulers import SchedulerFactory
@@ -68,6 +77,7 @@ class TrainContext:
     autocast_dtype: torch.dtype | None = None
     reference_checksum: float | None = None
     stop_requested: str | None = None  # name of the signal that asked the run to stop
+    stop_pending: str | None = None  # a signal seen here, not yet agreed by all processes
     last_checkpoint: Path | None = None
 
     def autocast(self) -> AbstractContextManager[Any]:
@@ -76,8 +86,14 @@ class TrainContext:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def model_state_dict(self) -> dict[str, torch.Tensor]:
+        """The full weights (gathered under FSDP: a collective, every rank calls it; only rank
+        0 gets them). A `state_dict_fn` is called on every rank too (e.g. a TP gather)."""
         fn = self.config.state_dict_fn
-        return fn(self.raw_model) if fn is not None else self.raw_model.state_dict()
+        if fn is not None:
+            return fn(self.raw_model)
+        if is_fsdp(self.raw_model):
+            return full_model_state_dict(self.raw_model)
+        return self.raw_model.state_dict()
 
     @property
     def is_main_process(self) -> bool:
@@ -106,14 +122,26 @@ class TrainContextBuilder:
         require_objects(cfg)
         seed_everything(cfg.random_seed)  # a resumed run restores the saved states at the end
         device = resolve_device(cfg.device_type)
+        rank, world_size = get_rank(), get_world_size()
         model = cfg.model.to(device)
         # The reference is the policy as given, before checkpoint weights load into it.
-        strategy = build_strategy(cfg, model, device, **self._strategy_kwargs)
+        objects = dict(self._strategy_kwargs)
+        if cfg.grpo_online and getattr(cfg.dataset, "online", True) is False:
+            raise ValueError("--online samples responses to a prompts-only GRPO file, but this "
+                             "file holds scored groups (offline GRPO); drop --online, or prepare "
+                             "prompts with `astrai data prepare --kind grpo` from prompt records")
+        if cfg.grpo_online and "rollout_source" not in objects:
+            objects["rollout_source"] = build_rollout_source(cfg)
+        strategy = build_strategy(cfg, model, device, **objects)
         checksum = reference_checksum(strategy)
         if self._checkpoint is not None:
             load_model_state(model, self._checkpoint)
-        strategy.model = wrap_model(cfg, model)
-        sampler = build_sampler(cfg, cfg.dataset)
+        strategy.model = wrap_model(cfg, model, device)
+        # Data-parallel ranks read different samples; without data parallelism (one process,
+        # or tensor parallelism with parallel="none") every rank reads the same ones.
+        data_parallel = cfg.parallel_wrapper is not None or resolve_parallel(
+            cfg.parallel, world_size) != "none"
+        sampler = build_sampler(cfg, cfg.dataset, *((rank, world_size) if data_parallel else (0, 1)))
         generator = torch.Generator()
         optimizer = build_optimizer(cfg, model)
         total_steps = count_total_steps(cfg, sampler)
@@ -123,7 +151,8 @@ class TrainContextBuilder:
             sampler=sampler, optimizer=optimizer, total_steps=total_steps,
             scheduler=build_scheduler(cfg, optimizer, total_steps), device=device,
             loader_generator=generator, raw_model=model, checkpoint=self._checkpoint,
-            autocast_dtype=autocast_dtype(device, cfg.precision), reference_checksum=checksum)
+            autocast_dtype=autocast_dtype(device, cfg.precision), reference_checksum=checksum,
+            rank=rank, world_size=world_size)
         if self._checkpoint is not None:
             restore_training_state(ctx, self._checkpoint)  # RNG states last
         else:
@@ -141,13 +170,34 @@ def require_objects(cfg: TrainConfig) -> None:
                          "(e.g. astrai_data.DatasetFactory.load(...))")
 
 
+def build_rollout_source(cfg: TrainConfig) -> Any:
+    """Online GRPO's sampler: the engine of astrai-serve (the `rl` extra) on the live policy."""
+    from astrai_train.rl import EngineRolloutSource, RolloutConfig, build_reward, require_serve
+    from astrai_train.rl.rollout import DEFAULT_GROUP_SIZE
+
+    require_serve()  # the missing extra first: its hint is the fix, whatever else is wrong
+    if cfg.tokenizer_dir is None:
+        raise ValueError("online GRPO needs the tokenizer to decode and score responses: pass "
+                         "--tokenizer DIR, or a --model folder that holds tokenizer files")
+    from astrai_core import AutoTokenizer
+
+    rollout = RolloutConfig(group_size=cfg.grpo_group_size or DEFAULT_GROUP_SIZE,
+                            max_new_tokens=cfg.grpo_max_new_tokens,
+                            temperature=cfg.grpo_temperature, top_p=cfg.grpo_top_p,
+                            seed=cfg.random_seed)
+    reward = build_reward(cfg.grpo_reward)  # comma-separated names are averaged
+    return EngineRolloutSource(AutoTokenizer.from_pretrained(cfg.tokenizer_dir), reward, rollout)
+
+
 def resolve_device(device_type: str) -> torch.device:
-    if device_type == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The device of this process: under torch.distributed, its LOCAL_RANK's GPU."""
     if device_type == "cuda" and not torch.cuda.is_available():
         raise ValueError("TrainConfig.device_type is 'cuda' but CUDA is not available; "
                          "use device_type='cpu' (--device-type cpu) or 'auto'")
-    return torch.device(device_type)
+    device = get_current_device(device_type)
+    if device.type == "cuda" and not torch.distributed.is_initialized():
+        return torch.device("cuda")  # the current device, as before
+    return device
 
 
 def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
@@ -174,17 +224,26 @@ def build_strategy(cfg: TrainConfig, model: nn.Module, device: torch.device,
     return strategy
 
 
-def wrap_model(cfg: TrainConfig, model: nn.Module) -> nn.Module:
-    """The module that runs forward: optionally wrapped for parallelism, optionally compiled."""
-    wrapped = cfg.parallel_wrapper(model) if cfg.parallel_wrapper is not None else model
+def wrap_model(cfg: TrainConfig, model: nn.Module, device: torch.device | None = None) -> nn.Module:
+    """The module that runs forward: wrapped for data parallelism (`parallel_wrapper` when
+    given, else `parallel`: DDP/FSDP2), optionally compiled."""
+    if cfg.parallel_wrapper is not None:
+        wrapped = cfg.parallel_wrapper(model)
+    else:
+        mode = resolve_parallel(cfg.parallel, get_world_size())
+        wrapped = wrap_parallel(model, mode, device or next(model.parameters()).device)
     if cfg.compile:
         wrapped.compile()  # in place: parameter names and state_dict keys stay the same
     return wrapped
 
 
-def build_sampler(cfg: TrainConfig, dataset: Dataset) -> ResumableDistributedSampler:
-    sampler = ResumableDistributedSampler(len(dataset), cfg.batch_size, rank=0, world_size=1,
-                                          seed=cfg.random_seed, shuffle=True, drop_last=True)
+def build_sampler(cfg: TrainConfig, dataset: Dataset, rank: int = 0,
+                  world_size: int = 1) -> ResumableDistributedSampler:
+    """Each rank reads its own shard: rank r takes every world_size-th index of the shuffled
+    order, so one step of N ranks covers the samples of one batch of N x batch_size."""
+    sampler = ResumableDistributedSampler(len(dataset), cfg.batch_size, rank=rank,
+                                          world_size=world_size, seed=cfg.random_seed,
+                                          shuffle=True, drop_last=True)
     if cfg.start_batch >= sampler.batches_per_epoch:
         raise ValueError(f"TrainConfig.start_batch={cfg.start_batch} is not below the "
                          f"{sampler.batches_per_epoch} batches of an epoch")

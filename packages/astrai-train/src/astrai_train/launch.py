@@ -178,12 +178,23 @@ def estimate_run(config: TrainConfig, checkpoint: Checkpoint | None) -> RunEstim
     total = count_total_steps(config, sampler)
     done = checkpoint.iteration if checkpoint is not None else 0
     sample = [dataset[i] for i in range(config.batch_size)]
-    per_sample = sum(count_tokens(item) for item in sample) / len(sample)
+    per_sample = sum(item_tokens(config, item) for item in sample) / len(sample)
     tokens = round(per_sample * config.batch_size * config.accumulation_steps)
     step_s = probe_step_seconds(config, sample)
     seconds = None if step_s is None else step_s * max(total - done, 0)
     return RunEstimate(model.num_parameters() if hasattr(model, "num_parameters")
                        else sum(p.numel() for p in model.parameters()), tokens, total, done, seconds)
+
+
+def item_tokens(config: TrainConfig, item: dict[str, Any]) -> int:
+    """Tokens one sample contributes; an online GRPO prompt: G responses, each at most
+    max_new_tokens long (so an upper bound)."""
+    if "prompt_ids" not in item:
+        return count_tokens(item)
+    from astrai_train.rl.rollout import DEFAULT_GROUP_SIZE
+
+    group = config.grpo_group_size or DEFAULT_GROUP_SIZE
+    return group * (len(item["prompt_ids"]) + config.grpo_max_new_tokens)
 
 
 def probe_step_seconds(config: TrainConfig, items: list[dict[str, Any]]) -> float | None:

@@ -18,6 +18,11 @@ import torch
 from torch import nn
 
 from astrai_core import Checkpoint
+from astrai_train.parallel.wrap import (
+    full_optimizer_state_dict,
+    is_fsdp,
+    load_full_optimizer_state_dict,
+)
 from astrai_train.rng import capture_rng_state, restore_rng_state
 from astrai_train.strategies import BaseStrategy
 
@@ -80,18 +85,29 @@ def reference_checksum(strategy: BaseStrategy) -> float | None:
         return float(sum(p.double().sum() for ref in refs for p in ref.parameters()))
 
 
-def build_checkpoint(ctx: TrainContext) -> Checkpoint:
+def build_checkpoint(ctx: TrainContext) -> Checkpoint | None:
+    """The checkpoint of this step on rank 0; None on the other ranks. Every rank must call it:
+    under FSDP the full weights and optimizer state are gathered (collectives) to rank 0.
+
+    Under FSDP the optimizer state is stored unsharded and keyed by parameter name (the format
+    of torch.distributed.checkpoint's full state dicts), so any world size can load it; else
+    it is the optimizer's own state_dict (DDP keeps it identical on every rank). RNG states are
+    rank 0's: every rank seeds the same and draws the same (no rank-dependent randomness)."""
+    weights = ctx.model_state_dict()
+    optimizer = optimizer_state_dict(ctx)
+    if not ctx.is_main_process:
+        return None
     trainer = {"iteration": ctx.iteration, "epoch": ctx.epoch, "tokens_seen": ctx.tokens_seen,
                "samples_seen": ctx.samples_seen, "reference_checksum": ctx.reference_checksum,
                "config": ctx.config.to_dict()}
     states: dict[str, Any] = {
-        "optimizer": ctx.optimizer.state_dict(),
+        "optimizer": optimizer,
         "scheduler": ctx.scheduler.state_dict() if ctx.scheduler is not None else {},
         "sampler": ctx.sampler.state_dict(),
         "rng": capture_rng_state(),
         "trainer": trainer,
     }
-    return Checkpoint(ctx.model_state_dict(), epoch=ctx.epoch, iteration=ctx.iteration,
+    return Checkpoint(weights, epoch=ctx.epoch, iteration=ctx.iteration,
                       config=getattr(ctx.raw_model, "config", None), states=states,
                       files=tokenizer_files(ctx.config.tokenizer_dir))
 
@@ -112,13 +128,30 @@ def restore_training_state(ctx: TrainContext, checkpoint: Checkpoint) -> None:
                          "model folder, not a training checkpoint; start a new run from it instead")
     trainer = states["trainer"]
     _check_compatible(ctx, trainer)
-    ctx.optimizer.load_state_dict(states["optimizer"])
+    load_optimizer_state(ctx, states["optimizer"])
     if ctx.scheduler is not None and states.get("scheduler"):
         ctx.scheduler.load_state_dict(states["scheduler"])
     ctx.sampler.load_state_dict(states["sampler"])
     ctx.iteration, ctx.epoch = int(trainer["iteration"]), int(trainer["epoch"])
     ctx.tokens_seen, ctx.samples_seen = int(trainer["tokens_seen"]), int(trainer["samples_seen"])
     restore_rng_state(states["rng"])
+
+
+def optimizer_state_dict(ctx: TrainContext) -> dict[str, Any]:
+    if is_fsdp(ctx.raw_model):
+        return full_optimizer_state_dict(ctx.raw_model, ctx.optimizer)
+    return ctx.optimizer.state_dict()
+
+
+def load_optimizer_state(ctx: TrainContext, state: dict[str, Any]) -> None:
+    """Parameter-name keys (a full state dict, written under FSDP) load into any model, sharded
+    or not; index keys are the optimizer's own state_dict."""
+    by_name = any(isinstance(k, str) for k in state.get("state", {})) or any(
+        isinstance(p, str) for g in state.get("param_groups", []) for p in g.get("params", []))
+    if by_name:
+        load_full_optimizer_state_dict(ctx.raw_model, ctx.optimizer, state)
+    else:
+        ctx.optimizer.load_state_dict(state)
 
 
 def _check_compatible(ctx: TrainContext, trainer: dict[str, Any]) -> None:

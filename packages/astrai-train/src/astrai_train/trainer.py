@@ -20,6 +20,7 @@ from astrai_core import Checkpoint
 from astrai_train.callbacks import CallbackFactory, TrainCallback
 from astrai_train.config import TrainConfig
 from astrai_train.context import TrainContext, TrainContextBuilder
+from astrai_train.parallel.wrap import all_reduce_sum, full_tensor, gradient_sync
 from astrai_train.strategies.base import Batch, count_tokens
 
 
@@ -47,9 +48,11 @@ def stop_on_signals(context: TrainContext) -> Iterator[None]:
         return
 
     def request_stop(signum: int, frame: Any) -> None:
-        if context.stop_requested is not None and signum == signal.SIGINT:
+        if context.stop_pending is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        context.stop_requested = signal.Signals(signum).name
+        context.stop_pending = signal.Signals(signum).name
+        if context.world_size == 1:  # else all processes agree first, at the step's end
+            context.stop_requested = context.stop_pending
 
     previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -86,6 +89,10 @@ class Trainer:
             except BaseException:
                 self._emit_error(context)
                 raise
+            finally:
+                close = getattr(context.strategy, "close", None)
+                if close is not None:  # e.g. online GRPO's inference engine
+                    close()
         return context
 
     def _build_context(self, checkpoint: Checkpoint | None) -> TrainContext:
@@ -137,17 +144,34 @@ class Trainer:
         shares = window_scales(weights, average=True)  # metrics are always window means
         loss = torch.zeros((), device=ctx.device)
         ctx.step_metrics, ctx.step_tokens, samples = {}, 0, 0
-        # Distributed (later release): all but the last micro-batch run under the wrapper's
-        # no_sync(), so gradients are all-reduced once per step.
-        for batch, scale, share in zip(batches, scales, shares, strict=True):
+        # All but the last micro-batch skip the gradient sync (DDP no_sync, FSDP2
+        # set_requires_gradient_sync): gradients are reduced across ranks once per step.
+        for i, (batch, scale, share) in enumerate(zip(batches, scales, shares, strict=True)):
             self._emit("on_batch_begin", ctx)
-            loss += self._forward_backward(ctx, batch, scale, share)
+            with gradient_sync(ctx.model, enabled=i == len(batches) - 1):
+                loss += self._forward_backward(ctx, batch, scale, share)
             ctx.sampler.advance()
             ctx.step_tokens += count_tokens(batch)
             samples += len(next(iter(batch.values())))
             self._emit("on_batch_end", ctx)
+        if ctx.world_size > 1:
+            loss, samples = self._sync_step(ctx, loss, samples)
         ctx.samples_seen += samples  # before on_step_end, so checkpoints count this step
         self._update(ctx, loss)
+
+    @staticmethod
+    def _sync_step(ctx: TrainContext, loss: torch.Tensor, samples: int) -> tuple[torch.Tensor, int]:
+        """One small all-reduce per step: the loss logged is the mean over ranks, tokens and
+        samples are totals, and a stop asked of any process (Ctrl-C, SIGTERM) stops all of them
+        after this same step (their checkpoint is a collective under FSDP)."""
+        values = [ctx.step_tokens, samples, ctx.stop_pending is not None]
+        local = torch.tensor(values, dtype=torch.float64, device=loss.device)
+        summed = all_reduce_sum(torch.cat([loss.double().reshape(1), local])).tolist()
+        replicas = ctx.world_size // ctx.sampler.world_size  # ranks reading the same samples (TP)
+        ctx.step_tokens = round(summed[1] / replicas)
+        if summed[3] > 0:
+            ctx.stop_requested = ctx.stop_pending or "a signal to another process"
+        return torch.tensor(summed[0] / ctx.world_size, device=loss.device), round(summed[2] / replicas)
 
     def _forward_backward(self, ctx: TrainContext, batch: Batch, scale: float,
                           share: float) -> torch.Tensor:
@@ -167,6 +191,7 @@ class Trainer:
         if norm is None:
             grads = [p.grad for p in ctx.raw_model.parameters() if p.grad is not None]
             norm = get_total_norm(grads) if grads else torch.zeros((), device=ctx.device)
+        norm = full_tensor(norm)  # FSDP: the norm of sharded grads is a DTensor
         # The step's one host sync: the finiteness check needs both values, logging reuses them.
         loss_value, norm_value = torch.stack([loss, norm.float().to(loss.device)]).tolist()
         if not (math.isfinite(loss_value) and math.isfinite(norm_value)):

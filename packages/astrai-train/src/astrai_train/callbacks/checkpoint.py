@@ -58,9 +58,10 @@ class CheckpointCallback(TrainCallback):
 
     def _save_checkpoint(self, context: TrainContext) -> Path | None:
         self._saved_step = context.iteration
-        if not context.is_main_process:
+        checkpoint = build_checkpoint(context)  # every rank: FSDP gathers the shards to rank 0
+        if checkpoint is None:  # not rank 0: only the main process writes
             return None
-        path = build_checkpoint(context).save(self.save_dir / checkpoint_name(context.iteration))
+        path = checkpoint.save(self.save_dir / checkpoint_name(context.iteration))
         context.last_checkpoint = path
         prune_checkpoints(self.save_dir, self.keep_last)
         return path

@@ -67,10 +67,17 @@ class GRPOStrategy(BaseStrategy):
     def prepare_batch(self, batch: Any) -> Batch:
         if isinstance(batch, list):  # prompt items: sample and score the responses now
             if self.rollout_source is None:
-                raise ValueError("this GRPO dataset holds prompts only (online GRPO); give the "
-                                 "strategy a rollout_source, or prepare an offline dataset")
+                raise ValueError("this GRPO dataset holds prompts only: train it online "
+                                 "(--online --reward NAME, or a rollout_source from Python), "
+                                 "or prepare scored groups for offline GRPO")
             return self.rollout_source(batch, self.model)
         return batch
+
+    def close(self) -> None:
+        """Release the rollout source's engine (its KV cache and step thread)."""
+        close = getattr(self.rollout_source, "close", None)
+        if close is not None:
+            close()
 
     def _check(self, batch: Batch) -> None:
         missing = [k for k in GROUP_KEYS if k not in batch]

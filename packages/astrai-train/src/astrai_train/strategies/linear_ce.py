@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from astrai_train.parallel.wrap import is_fsdp
+
 CHUNK_ELEMENTS = 1 << 23  # logits per chunk: 32 MiB in fp32
 
 
@@ -28,6 +30,8 @@ def split_lm_head(model: nn.Module) -> tuple[Callable[..., torch.Tensor], torch.
     if not callable(hidden_states) or not isinstance(getattr(head, "weight", None), torch.Tensor):
         return None
     if getattr(head, "bias", None) is not None or getattr(model, "_compiled_call_impl", None):
+        return None
+    if is_fsdp(model):  # sharded weights are gathered by forward's hooks only
         return None
     return hidden_states, head.weight
 
