@@ -106,3 +106,15 @@ def test_without_astrai_serve_the_error_says_how_to_install(monkeypatch, tmp_pat
     assert isinstance(result.exception, ImportError)
     assert "astrai-train[rl]" in str(result.exception)
     assert not (tmp_path / "run").exists()  # failed before writing anything
+
+
+def test_an_interrupted_run_says_how_to_continue(monkeypatch, tmp_path):
+    import astrai_train.quickstart.pipeline as pipeline
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "run_quickstart", interrupted)
+    result = run_quickstart(tmp_path / "run")
+    assert result.exit_code == 130
+    assert "run the same command again to continue" in result.output

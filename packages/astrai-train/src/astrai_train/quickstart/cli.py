@@ -47,7 +47,13 @@ def quickstart_cmd(
     cfg = QuickstartConfig(out=out, seed=seed, steps_scale=steps_scale, preset=preset,
                            corpus_size=corpus_size, eval_limit=eval_limit, serve=serve, port=port,
                            progress=progress)
-    result = run_quickstart(cfg, console, overwrite=overwrite)
+    try:
+        result = run_quickstart(cfg, console, overwrite=overwrite)
+    except KeyboardInterrupt:
+        # The stage in progress saved a checkpoint on the way out (the trainer's signal handler).
+        console.print(f"\ninterrupted; run the same command again to continue where it stopped "
+                      f"(finished stages in {out} are kept)")
+        raise typer.Exit(130) from None
     command = f"astrai serve {result.final}"
     console.print(f"\n[bold green]done.[/] Serve the model with:\n\n    {command}\n\n"
                   f"or chat in the terminal: astrai chat {result.final}")
