@@ -1,5 +1,6 @@
 """The synthetic bilingual corpus (`astrai data synth`) and the rewards that check it."""
 
+from astrai_data.synth.corpus import NUMERIC as NUMERIC_TASKS
 from astrai_data.synth.rewards import (
     REWARD_FUNCTIONS,
     exact_answer_reward,
@@ -11,6 +12,6 @@ from astrai_data.synth.rewards import (
 from astrai_data.synth.writer import DEFAULT_SIZE, SynthReport, synthesize, task_spec
 
 __all__ = [
-    "DEFAULT_SIZE", "REWARD_FUNCTIONS", "SynthReport", "exact_answer_reward", "extract_answer",
+    "DEFAULT_SIZE", "NUMERIC_TASKS", "REWARD_FUNCTIONS", "SynthReport", "exact_answer_reward", "extract_answer",
     "format_reward", "reward_exact_answer", "reward_format", "synthesize", "task_spec",
 ]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -62,7 +61,7 @@ def quickstart_cmd(
         # The server runs as its own process: nothing of training stays in its memory.
         argv = [sys.executable, "-m", "astrai_core.cli.main", "serve", str(result.final),
                 "--port", str(port)]
-        raise typer.Exit(subprocess.call(argv, env=os.environ.copy()))
+        raise typer.Exit(subprocess.call(argv))
 
 
 def register(app: typer.Typer) -> None:

@@ -21,13 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from astrai_data import extract_answer
+from astrai_data import NUMERIC_TASKS, extract_answer
+from astrai_train.strategies.logprobs import token_log_probs
 
 LANGS = ("en", "zh")
-NUMERIC_TASKS = frozenset({"arithmetic", "compare", "successor"})  # answers checked by value
 
 
 @dataclass
@@ -72,8 +71,7 @@ def reply_loss(model: nn.Module, tokenizer: Any, chats: Sequence[dict[str, Any]]
             ids[i, :len(row_ids)] = torch.tensor(row_ids)
             mask[i, :len(row_mask)] = torch.tensor(row_mask, dtype=torch.bool)
         ids, mask = ids.to(device), mask.to(device)
-        logits = model(ids).float()[:, :-1]
-        losses = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+        losses = -token_log_probs(model, ids[:, :-1], ids[:, 1:])
         target = mask[:, 1:]
         for i, (_, _, lang) in enumerate(rows):
             nll[lang] += float(losses[i][target[i]].sum())

@@ -17,6 +17,7 @@ import torch
 from rich.console import Console
 
 from astrai_core import AutoModel, AutoTokenizer
+from astrai_train.parallel import get_current_device
 from astrai_train.quickstart.config import STAGES, QuickstartConfig
 from astrai_train.quickstart.evaluate import (
     StageMetrics,
@@ -112,8 +113,7 @@ def publish_final(checkpoint: Path, final: Path) -> Path:
 
 
 def load_stage_model(checkpoint: Path) -> torch.nn.Module:
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return AutoModel.from_pretrained(checkpoint, dtype="float32").to(device)
+    return AutoModel.from_pretrained(checkpoint, dtype="float32").to(get_current_device())
 
 
 def sample_chats(model: torch.nn.Module, tokenizer: Any, chats: list[dict[str, Any]],

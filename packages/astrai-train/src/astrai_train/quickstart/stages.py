@@ -22,7 +22,6 @@ from astrai_train.trainer import Trainer
 
 CORPUS_FILES = ("pretrain.jsonl", "sft.jsonl", "dpo.jsonl", "grpo.jsonl", "eval_pretrain.jsonl",
                 "eval_sft.jsonl", "eval_grpo.jsonl")
-KIND_OF_STRATEGY = {"seq": "seq", "sft": "sft", "dpo": "dpo", "grpo": "grpo"}
 
 
 def make_corpus(cfg: QuickstartConfig) -> Path:
@@ -51,7 +50,7 @@ def make_dataset(cfg: QuickstartConfig, plan: StagePlan, corpus: Path, tokenizer
     out = corpus / (Path(plan.data).stem + ".h5")
     if not out.is_file():  # prepare() writes atomically: a file that exists is complete
         # In-process encoding: on two cores, worker processes cost more than they save here.
-        prepare(KIND_OF_STRATEGY[plan.strategy], [corpus / plan.data], out, tokenizer,
+        prepare(plan.strategy, [corpus / plan.data], out, tokenizer,
                 PrepareConfig(num_workers=0), progress=cfg.progress)
     return out
 

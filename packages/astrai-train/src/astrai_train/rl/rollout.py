@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from astrai_train.parallel.wrap import is_fsdp
 from astrai_train.rl.extra import require_serve
 from astrai_train.rl.rewards import RewardSpec, build_reward
 from astrai_train.strategies.base import Batch
@@ -118,7 +119,7 @@ class EngineRolloutSource:
     # -- a rollout ---------------------------------------------------------------------------
     def __call__(self, prompts: list[dict[str, Any]], policy: nn.Module) -> Batch:
         model = unwrap(policy)
-        if any(type(p).__name__ == "DTensor" for p in model.parameters()):
+        if is_fsdp(model):
             raise ValueError("online GRPO cannot sample from an FSDP-sharded policy (ranks would "
                              "generate different lengths in lockstep); use parallel=ddp or none")
         was_training = model.training
