@@ -91,12 +91,12 @@ def flops_per_token(model: Transformer, seq: int) -> float:
 def train(data: Path, out: str, parallel: str, steps: int, batch: int, seq: int,
           peak: float) -> None:
     torch.manual_seed(0)
-    model = Transformer(get_preset("small", max_len=seq))
+    model = Transformer(get_preset("small", max_seq_len=seq))
     dataset = DatasetFactory.load("seq", data, window_size=seq)
     timer = StepTimer(warmup=3)
     config = TrainConfig(model=model, dataset=dataset, batch_size=batch, max_steps=steps,
-                         device_type="cuda", precision="bf16", parallel=parallel, ckpt_dir=out,
-                         ckpt_interval=10**6, progress_bar=False, log_interval=10,
+                         device="cuda", dtype="bfloat16", parallel=parallel, out=out,
+                         ckpt_interval=10**6, progress=False, log_interval=10,
                          scheduler="constant")
     context = Trainer(config, callbacks=[timer]).train()
     assert context.last_checkpoint is not None and np.isfinite(context.loss)

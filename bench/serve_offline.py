@@ -38,7 +38,7 @@ MODELS = {
     "small": dict(preset="small"),
     # ~100M parameters: 12 layers of width 768, GQA 12/4 heads, 32k vocabulary.
     "100m": dict(preset="small", vocab_size=32000, dim=768, n_layers=12, dim_ffn=2048, n_heads=12,
-                 n_kv_heads=4, max_len=1024),
+                 n_kv_heads=4, max_seq_len=1024),
 }
 TEMPERATURE = 0.6
 
@@ -55,7 +55,7 @@ def build_models(name: str) -> tuple[Transformer, torch.nn.Module]:
         vocab_size=config.vocab_size, hidden_size=config.dim, intermediate_size=config.dim_ffn,
         num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads,
         num_key_value_heads=config.n_kv_heads, head_dim=config.resolved_head_dim,
-        max_position_embeddings=config.max_len, rms_norm_eps=config.norm_eps,
+        max_position_embeddings=config.max_seq_len, rms_norm_eps=config.norm_eps,
         tie_word_embeddings=config.tie_weight,
         rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
         attn_implementation="sdpa", pad_token_id=0, bos_token_id=None, eos_token_id=None,

@@ -3,6 +3,7 @@
 
     uv run python bench/serve_online.py                       # 16 and 64 clients
     uv run python bench/serve_online.py --clients 64 --requests-per-client 3
+    uv run python bench/serve_online.py --constrained-share 0,0.125   # with JSON-schema requests
 
 Model: the `small` preset with random weights (seed 0), its vocabulary sized to a byte-level
 BPE trained on the synthetic corpus (`astrai data synth`), written as a model folder and served
@@ -20,6 +21,11 @@ Offline baseline: the same requests through `InferenceEngine.submit` (text decod
 server does) by N closed-loop workers, so concurrency is the same and the ratio isolates what
 HTTP, SSE and the event loop cost. The server and this script share the machine's CPUs: client
 work (SSE parsing for 64 streams) is counted against the server.
+
+With --constrained-share S, that share of the requests (every round(1/S)-th) carries a
+`response_format` JSON schema (bench/constrained_decoding.py's LOG_SCHEMA, which no output of
+these lengths can complete, so they too run to max_tokens); offline, the same requests carry
+the same compiled grammar. Each share is measured separately.
 """
 
 from __future__ import annotations
@@ -87,10 +93,14 @@ def build_model_folder(root: Path) -> Path:
     return folder
 
 
-def make_requests(n: int, vocab: int, seed: int = 0) -> list[tuple[list[int], int]]:
+Request = tuple[list[int], int, bool]  # prompt, max_tokens, constrained
+
+
+def make_requests(n: int, vocab: int, seed: int = 0, share: float = 0.0) -> list[Request]:
     rng = random.Random(seed)
-    return [([rng.randrange(5, vocab) for _ in range(rng.randint(32, 128))], rng.randint(32, 128))
-            for _ in range(n)]
+    every = round(1 / share) if share > 0 else 0
+    return [([rng.randrange(5, vocab) for _ in range(rng.randint(32, 128))], rng.randint(32, 128),
+             every > 0 and i % every == 0) for i in range(n)]
 
 
 # -- online ---------------------------------------------------------------------------------
@@ -118,10 +128,13 @@ def start_server(folder: Path, threads: int) -> tuple[subprocess.Popen, str]:
     raise RuntimeError("astrai serve did not become ready in 180 s")
 
 
-async def one_request(client: httpx.AsyncClient, url: str, prompt: list[int], max_tokens: int
-                      ) -> Sample:
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": TEMPERATURE,
-            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+async def one_request(client: httpx.AsyncClient, url: str, prompt: list[int], max_tokens: int,
+                      response_format: dict[str, Any] | None) -> Sample:
+    body: dict[str, Any] = {"prompt": prompt, "max_tokens": max_tokens,
+                            "temperature": TEMPERATURE, "ignore_eos": True, "stream": True,
+                            "stream_options": {"include_usage": True}}
+    if response_format is not None:
+        body["response_format"] = response_format
     start = time.perf_counter()
     first = last = None
     usage = None
@@ -150,12 +163,14 @@ def run_async(coro: Any) -> Any:
         return runner.run(coro)
 
 
-async def run_clients(url: str, work: list[list[tuple[list[int], int]]]) -> Report:
+async def run_clients(url: str, work: list[list[Request]],
+                      response_format: dict[str, Any] | None = None) -> Report:
     limits = httpx.Limits(max_connections=len(work) + 1, max_keepalive_connections=len(work))
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
 
-        async def client_loop(requests: list[tuple[list[int], int]]) -> list[Sample]:
-            return [await one_request(client, url, p, m) for p, m in requests]
+        async def client_loop(requests: list[Request]) -> list[Sample]:
+            return [await one_request(client, url, p, m, response_format if c else None)
+                    for p, m, c in requests]
 
         start = time.perf_counter()
         per_client = await asyncio.gather(*(client_loop(w) for w in work))
@@ -163,16 +178,16 @@ async def run_clients(url: str, work: list[list[tuple[list[int], int]]]) -> Repo
 
 
 # -- offline --------------------------------------------------------------------------------
-def run_offline(engine, work: list[list[tuple[list[int], int]]]) -> Report:
+def run_offline(engine, work: list[list[Request]], grammar: Any = None) -> Report:
     from astrai_serve import SamplingParams
 
     samples: list[Sample] = []
     lock = threading.Lock()
 
-    def worker(requests: list[tuple[list[int], int]]) -> None:
-        for prompt, max_tokens in requests:
+    def worker(requests: list[Request]) -> None:
+        for prompt, max_tokens, constrained in requests:
             params = SamplingParams(max_tokens=max_tokens, temperature=TEMPERATURE,
-                                    ignore_eos=True)
+                                    ignore_eos=True, grammar=grammar if constrained else None)
             result = engine.submit(prompt, params, text=True).wait_completion()
             assert result.generated_tokens == max_tokens
             itl = (result.finish_time - result.first_token_time) / max(max_tokens - 1, 1)
@@ -208,28 +223,34 @@ def best(reports: list[Report]) -> Report:
     return max(reports, key=lambda r: r.tokens / r.seconds)
 
 
-def measure(n: int, args: argparse.Namespace, url: str, folder: Path, vocab: int) -> list[str]:
+def measure(n: int, args: argparse.Namespace, url: str, folder: Path, vocab: int,
+            share: float = 0.0) -> list[str]:
     """Online and offline runs interleaved --repeat times (a busy spell on a shared machine
     then hits both); the best of each counts."""
     from astrai_serve.api.loader import EngineOptions, load_engine
+    from constrained_decoding import LOG_SCHEMA, compiler_for  # it imports this module
 
-    warm_up = [[([5] * 32, 4)]]
+    fmt = {"type": "json_schema", "json_schema": {"name": "log", "schema": LOG_SCHEMA}}
+    warm_up = [[([5] * 32, 4, share > 0)]]
     online, offline = [], []
     with load_engine(folder, EngineOptions(max_batch_size=64)) as engine:
-        run_async(run_clients(url, warm_up))
-        run_offline(engine, warm_up)
+        grammar = compiler_for(engine).json_schema(LOG_SCHEMA) if share > 0 else None
+        run_async(run_clients(url, warm_up, fmt))
+        run_offline(engine, warm_up, grammar)
         for rep in range(args.repeat):
             # New prompts each repeat, so the prefix cache never serves a run from the last one.
-            requests = make_requests(n * args.requests_per_client, vocab, seed=1000 * n + rep)
+            requests = make_requests(n * args.requests_per_client, vocab,
+                                     seed=1000 * n + rep, share=share)
             work = [requests[i::n] for i in range(n)]
-            online.append(run_async(run_clients(url, work)))
-            offline.append(run_offline(engine, work))
+            online.append(run_async(run_clients(url, work, fmt)))
+            offline.append(run_offline(engine, work, grammar))
             print(f"    {n} clients: online {online[-1].tokens / online[-1].seconds:.0f}, "
                   f"offline {offline[-1].tokens / offline[-1].seconds:.0f} tokens/s", flush=True)
     on, off = best(online), best(offline)
     ratio = (on.tokens / on.seconds) / (off.tokens / off.seconds)
-    return [row("astrai serve (HTTP, SSE)", n, on, f"**{ratio:.2f}**"),
-            row("InferenceEngine (offline)", n, off, "1.00")]
+    tag = f", {share:.3g} constrained" if share > 0 else ""
+    return [row(f"astrai serve (HTTP, SSE){tag}", n, on, f"**{ratio:.2f}**"),
+            row(f"InferenceEngine (offline){tag}", n, off, "1.00")]
 
 
 def main() -> None:
@@ -240,6 +261,9 @@ def main() -> None:
     parser.add_argument("--requests-per-client", type=int, default=2)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--repeat", type=int, default=2, help="runs of each; the best counts")
+    parser.add_argument("--constrained-share", type=lambda s: [float(x) for x in s.split(",")],
+                        default=[0.0], help="shares of JSON-schema requests to measure, "
+                        "e.g. 0,0.125")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -250,8 +274,9 @@ def main() -> None:
             vocab = json.loads((folder / "config.json").read_text())["vocab_size"]
             print(f"small preset, vocab {vocab}, {args.threads} torch threads, "
                   f"{os.cpu_count()} CPUs; server at {url}", flush=True)
-            for n in args.clients:
-                lines += measure(n, args, url, folder, vocab)
+            for share in args.constrained_share:
+                for n in args.clients:
+                    lines += measure(n, args, url, folder, vocab, share)
         finally:
             process.send_signal(signal.SIGTERM)
             process.wait(60)

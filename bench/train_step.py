@@ -98,8 +98,8 @@ def run_trainer(model, dataset, batch: int, steps: int, callback) -> None:
             model=model, dataset=dataset, batch_size=batch, max_steps=steps,
             learning_rate=ADAMW["lr"], adam_beta1=ADAMW["betas"][0], adam_beta2=ADAMW["betas"][1],
             adam_eps=ADAMW["eps"], weight_decay=ADAMW["weight_decay"], max_grad_norm=1.0,
-            scheduler="constant", ckpt_dir=out, log_interval=1, progress_bar=True,
-            device_type="cpu")
+            scheduler="constant", out=out, log_interval=1, progress=True,
+            device="cpu")
         trainer = Trainer(config, callbacks=[callback] if callback else [])
         trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, CheckpointCallback)]
         trainer.train()

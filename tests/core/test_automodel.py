@@ -101,7 +101,7 @@ def test_unsupported_model_type_lists_supported(tmp_path):
     _model().save_pretrained(folder)
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
-    with pytest.raises(ValueError, match="model_type 'gpt2' is not supported.*llama, qwen2, qwen3"):
+    with pytest.raises(ValueError, match="model_type 'gpt2' is not supported.*llama, mixtral, qwen2, qwen3"):
         AutoModel.from_pretrained(folder)
 
 

@@ -53,7 +53,7 @@ def test_model_init_refuses_to_overwrite(tmp_path):
     assert runner.invoke(app, ["model", "init", "--preset", "tiny", "--out", str(out)]).exit_code == 0
     result = runner.invoke(app, ["model", "init", "--preset", "tiny", "--out", str(out)])
     assert isinstance(result.exception, FileExistsError)
-    assert "--force" in str(result.exception)
+    assert "--overwrite" in str(result.exception)
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from astrai_core.model import AutoModel
+from tolerances import forward_bound
 
 transformers = pytest.importorskip("transformers")
 
@@ -58,6 +59,15 @@ def pair(request, tmp_path_factory):
     return hf_model, ours
 
 
+def _bound(expected: torch.Tensor) -> float:
+    """fp32, the dtype both run in: transformers computes RMSNorm and RoPE in fp32 even for an
+    fp64 model, so fp64 would not be a cleaner reference. The bound is the worst case of
+    tests/tolerances.py (~3e-5 here); real defects give > 1e-3."""
+    width = max(BASE["hidden_size"], BASE["intermediate_size"])
+    return forward_bound(BASE["num_hidden_layers"], width, scale=expected.abs().max().item(),
+                         dtype=torch.float32)
+
+
 @pytest.mark.parametrize("seq_len", [1, 7, 33])
 def test_logits_match_transformers(pair, seq_len):
     hf_model, ours = pair
@@ -65,7 +75,7 @@ def test_logits_match_transformers(pair, seq_len):
     with torch.no_grad():
         expected = hf_model(ids).logits
         got = ours(ids)
-    assert (got - expected).abs().max().item() <= 1e-5
+    assert (got - expected).abs().max().item() <= _bound(expected)
 
 
 def test_padded_batch_matches_transformers(pair):
@@ -80,4 +90,4 @@ def test_padded_batch_matches_transformers(pair):
         expected = hf_model(ids, attention_mask=mask, position_ids=positions).logits
         got = ours(ids, input_mask=mask)
     real = mask.bool()
-    assert (got[real] - expected[real]).abs().max().item() <= 1e-5
+    assert (got[real] - expected[real]).abs().max().item() <= _bound(expected[real])

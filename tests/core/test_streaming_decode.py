@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 
@@ -152,6 +152,7 @@ def test_decoder_accepts_tensor_like_ids(tokenizer):
 @settings(max_examples=150, deadline=None)
 @given(st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=40))
 def test_streaming_matches_full_decode_for_any_text(text):
+    assume(not any(special in text for special in SPECIALS))  # those decode to "" (skipped)
     backend = byte_level(merges_for=tuple(TEXTS))
     ids = backend.encode(text).ids
     pieces = stream(IncrementalDecoder(backend), ids)

@@ -18,6 +18,7 @@ from astrai_core.parallel import (
     gather_tensor_parallel_state_dict,
     parallelize_transformer,
 )
+from tolerances import forward_bound
 
 WORLD = 2
 
@@ -41,11 +42,13 @@ def _worker(rank: int, port: int, overrides: dict) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         torch.manual_seed(0)
-        full = Transformer(get_preset("tiny", n_heads=4, n_kv_heads=2, **overrides))
+        config = get_preset("tiny", n_heads=4, n_kv_heads=2, **overrides)
+        full = Transformer(config).double()  # float64: bounds from its epsilon (tolerances.py)
         sharded = parallelize_transformer(copy.deepcopy(full))
         ids = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(1))
         ref, out = full(ids), sharded(ids)
-        assert (ref - out).abs().max().item() <= 1e-5
+        width = max(config.dim, config.dim_ffn)
+        assert (ref - out).abs().max().item() <= forward_bound(2, width, ref.abs().max().item())
         ref.square().mean().backward()
         out.square().mean().backward()
         modules = dict(sharded.named_modules())
@@ -53,7 +56,9 @@ def _worker(rank: int, port: int, overrides: dict) -> None:
         for name, p in sharded.named_parameters():
             owner, _, pname = name.rpartition(".")
             expected = _shard_of(full_params[name].grad, modules[owner], pname, rank)
-            assert (p.grad - expected).abs().max().item() <= 1e-5, name
+            # Backward runs the forward's stages again, transposed: twice the depth.
+            bound = forward_bound(4, width, full_params[name].grad.abs().max().item())
+            assert (p.grad - expected).abs().max().item() <= bound, name
         gathered = gather_tensor_parallel_state_dict(sharded)
         for name, tensor in full.state_dict().items():
             assert torch.equal(gathered[name], tensor), name

@@ -40,7 +40,7 @@ def folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("tokenizer")
     corpus = root / "corpus.txt"
     corpus.write_text("\n".join(bilingual_lines(2000)), encoding="utf-8")
-    train_tokenizer([corpus], 400, root / "tok", show_progress=False)
+    train_tokenizer([corpus], 360, root / "tok", show_progress=False)
     return root / "tok"
 
 
@@ -86,7 +86,7 @@ def test_our_special_tokens_have_fixed_ids_and_roles(tokenizer):
         "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>", "<|begin_of_text|>"]
     assert (tokenizer.eos_id, tokenizer.pad_id, tokenizer.bos_id) == (0, 3, 4)
     assert tokenizer.stop_ids == [0, 2]
-    assert tokenizer.vocab_size == len(tokenizer) == 400
+    assert tokenizer.vocab_size == len(tokenizer) == 360
 
 
 def test_add_special_tokens_prepends_bos_only_when_asked(tokenizer):

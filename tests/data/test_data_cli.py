@@ -32,9 +32,9 @@ def test_prepare_then_inspect_shows_counts_and_a_masked_example(tmp_path, tokeni
     a = write_jsonl(tmp_path / "a.jsonl", [{"messages": chat}] * 3)
     b = write_jsonl(tmp_path / "b.jsonl", [{"messages": chat}, "{broken"])
     out = tmp_path / "sft.h5"
-    result = runner.invoke(app, ["data", "prepare", "--kind", "sft", "--tokenizer", str(tokenizer_dir),
+    result = runner.invoke(app, ["data", "prepare", "--strategy", "sft", "--tokenizer", str(tokenizer_dir),
                                  "--input", str(a), str(b), "--out", str(out), "--skip-invalid",
-                                 "--workers", "0"])
+                                 "--num-workers", "0"])
     assert result.exit_code == 0, result.output
     assert "4 records" in result.output and "skipped 1 invalid lines" in result.output
     assert "b.jsonl:2: invalid JSON" in result.output
@@ -59,15 +59,15 @@ def test_inspect_without_a_tokenizer_lists_ids(tmp_path, char_tokenizer):
 def test_prepare_reports_a_malformed_line_and_writes_nothing(tmp_path, tokenizer_dir):
     src = write_jsonl(tmp_path / "in.jsonl", [{"text": "ok"}, {"text": ""}])
     out = tmp_path / "o.h5"
-    result = runner.invoke(app, ["data", "prepare", "--kind", "seq", "--tokenizer", str(tokenizer_dir),
-                                 "-i", str(src), "-o", str(out), "--workers", "0"])
+    result = runner.invoke(app, ["data", "prepare", "--strategy", "seq", "--tokenizer", str(tokenizer_dir),
+                                 "-i", str(src), "-o", str(out), "--num-workers", "0"])
     assert isinstance(result.exception, ValueError)
     assert str(result.exception).startswith(f"{src}:2: field 'text' is empty")
     assert not out.exists()
 
 
 def test_synth_writes_the_corpus(tmp_path):
-    result = runner.invoke(app, ["data", "synth", "--out", str(tmp_path / "c"), "--size", "40"])
+    result = runner.invoke(app, ["data", "synth", "--out", str(tmp_path / "c"), "--corpus-size", "40"])
     assert result.exit_code == 0, result.output
     assert "sft.jsonl" in result.output and "eval_grpo.jsonl" in result.output
     assert len((tmp_path / "c" / "sft.jsonl").read_text().splitlines()) == 40

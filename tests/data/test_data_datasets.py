@@ -85,13 +85,13 @@ def test_window_size_is_required_and_must_fit(sft_file):
 
 
 def test_factory_refuses_a_file_of_another_kind(sft_file):
-    with pytest.raises(ValueError, match="holds a 'sft' dataset.*--kind seq.*train type 'sft'"):
+    with pytest.raises(ValueError, match="holds a 'sft' dataset.*--strategy seq.*--strategy sft"):
         DatasetFactory.load("seq", sft_file[0], window_size=16)
-    with pytest.raises(ValueError, match="unknown dataset train type 'ppo'"):
+    with pytest.raises(ValueError, match="unknown dataset strategy 'ppo'"):
         DatasetFactory.load("ppo", sft_file[0])
 
 
-def test_factory_lists_and_creates_every_train_type(sft_file):
+def test_factory_lists_and_creates_every_strategy(sft_file):
     assert set(DatasetFactory.list_registered()) == {"seq", "sft", "dpo", "grpo"}
     dataset = DatasetFactory.create("sft", load_h5(sft_file[0]), window_size=8)
     assert isinstance(dataset, SFTDataset) and dataset.window_size == 8

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 
 import pytest
 
 from astrai_data.synth import (
-    REWARD_FUNCTIONS,
+    NUMERIC_TASKS,
     exact_answer_reward,
     extract_answer,
     format_reward,
@@ -44,7 +45,7 @@ def _user_prompts(rows):
 def test_same_seed_same_bytes_other_seed_other_corpus(corpus, tmp_path):
     synthesize(tmp_path / "again", size=400, seed=3)
     synthesize(tmp_path / "other", size=400, seed=4)
-    for name in (*TRAIN_FILES, "eval_sft.jsonl", "eval_grpo.jsonl", "manifest.json"):
+    for name in (*TRAIN_FILES, "eval_sft.jsonl", "eval_dpo.jsonl", "eval_grpo.jsonl", "manifest.json"):
         assert (tmp_path / "again" / name).read_bytes() == (corpus / name).read_bytes()
     assert (tmp_path / "other" / "sft.jsonl").read_bytes() != (corpus / "sft.jsonl").read_bytes()
 
@@ -54,7 +55,7 @@ def test_size_scales_every_file(tmp_path):
     big = synthesize(tmp_path / "b", size=300, seed=0)
     assert small.records["sft.jsonl"] == 100 and big.records["sft.jsonl"] == 300
     assert big.records["pretrain.jsonl"] == 3 * small.records["pretrain.jsonl"]
-    with pytest.raises(ValueError, match="--size must be a positive"):
+    with pytest.raises(ValueError, match="--corpus-size must be a positive"):
         synthesize(tmp_path / "z", size=0)
 
 
@@ -69,10 +70,36 @@ def test_held_out_prompts_never_appear_in_training_files(corpus):
     pretrain = "\n".join(row["text"] for row in _rows(corpus, "pretrain.jsonl"))
     eval_prompts = set(_user_prompts(_rows(corpus, "eval_sft.jsonl")))
     eval_prompts |= {row["prompt"] for row in _rows(corpus, "eval_grpo.jsonl")}
+    eval_prompts |= {row["prompt"] for row in _rows(corpus, "eval_dpo.jsonl")}
     assert len(eval_prompts) > 30
     assert not eval_prompts & train_prompts
     for prompt in eval_prompts:  # nor as a sentence of the pretraining text
         assert not re.search(r"(?<!\w)" + re.escape(prompt), pretrain), prompt
+
+
+@pytest.mark.parametrize("name", ["eval_sft.jsonl", "eval_dpo.jsonl", "eval_grpo.jsonl"])
+def test_each_held_out_file_has_300_distinct_items_per_language_over_every_task(corpus, name):
+    """Large enough that a 5-point difference is not noise (at 60%, one standard error of a
+    300-item accuracy is 2.8 points), each question once, and every task measured."""
+    rows = _rows(corpus, name)
+    for lang in ("en", "zh"):
+        mine = [r for r in rows if r["lang"] == lang]
+        questions = [json.dumps(r.get("messages", r.get("prompt"))[:1] if "messages" in r
+                                else r["prompt"], ensure_ascii=False) for r in mine]
+        assert len(mine) == 300 and len(set(questions)) == 300, (lang, len(set(questions)))
+        tasks = Counter(r["task"] for r in mine)
+        wanted = NUMERIC_TASKS if name == "eval_grpo.jsonl" else tuple(TASKS)
+        assert set(tasks) == set(wanted)
+        # Evenly spread: a task short of held-out questions gives all it has, no task more
+        # than an even share of what is left.
+        assert max(tasks.values()) <= -(-300 // len(wanted)) * 2
+
+
+def test_dpo_held_out_pairs_prefer_the_reference_reply(corpus):
+    for row in _rows(corpus, "eval_dpo.jsonl"):
+        task = TASKS[row["task"]]
+        assert row["chosen"] != row["rejected"]
+        assert row["chosen"] in {task.reply(k, row["lang"]) for k in task.split_keys("eval")}
 
 
 def test_held_out_equations_are_never_taught(corpus):
@@ -147,11 +174,11 @@ def test_extract_answer_reads_the_first_sentence():
 
 def test_rewards_check_the_answer_and_the_format():
     item = {"prompt": "What is 3 + 4?", "answer": "7", "lang": "en"}
-    assert REWARD_FUNCTIONS["exact_answer"]("3 + 4 = 7.", item) == 1.0
-    assert REWARD_FUNCTIONS["exact_answer"]("3 + 4 = 8.", item) == 0.0
-    assert REWARD_FUNCTIONS["format"]("3 + 4 = 8.", item) == 1.0
-    assert REWARD_FUNCTIONS["format"]("3 加 4 等于 7。", item) == 0.0  # wrong language
-    assert REWARD_FUNCTIONS["format"]("3 + 4 = 7. Also 1 + 1 = 2.", item) == 0.0
+    assert exact_answer_reward("3 + 4 = 7.", item["answer"], item["lang"]) == 1.0
+    assert exact_answer_reward("3 + 4 = 8.", item["answer"], item["lang"]) == 0.0
+    assert format_reward("3 + 4 = 8.", item["lang"]) == 1.0
+    assert format_reward("3 加 4 等于 7。", item["lang"]) == 0.0  # wrong language
+    assert format_reward("3 + 4 = 7. Also 1 + 1 = 2.", item["lang"]) == 0.0
     assert format_reward("更大的数是 12。", "zh") == 1.0
     with pytest.raises(ValueError, match="lang must be"):
         format_reward("x", "fr")

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from astrai_train.evaluation import HeldOutScores, mean_by_lang, reply_is_correct
 from astrai_train.quickstart import DEFAULT_PLANS, QuickstartConfig
-from astrai_train.quickstart.evaluate import StageMetrics, mean_by_lang, reply_is_correct
 from astrai_train.quickstart.report import markdown_table
 
 
@@ -30,6 +30,9 @@ def test_means_are_per_language():
 
 
 def test_markdown_table_has_a_row_per_stage():
-    rows = [StageMetrics("sft", {"en": 0.5, "zh": 1.0}, {"en": 0.25, "zh": 0.5}, {"en": 0.1})]
+    rows = [HeldOutScores("sft", loss={"en": 0.5, "zh": 1.0}, accuracy={"en": 0.25, "zh": 0.5},
+                          preference={"en": 0.75}, margin={"en": 0.0, "zh": 0.0},
+                          reward={"en": 0.1})]
     text = markdown_table(rows)
-    assert "| sft | 0.500 | 1.000 | 25.0% | 50.0% | 0.100 | - |" in text
+    assert "| sft | 0.500 | 1.000 | 25.0% | 50.0% | 75.0% | - | 0.00 | 0.00 | 0.100 | - |" in text
+    assert text.splitlines()[0].startswith("| stage | loss en | loss zh | accuracy en")

@@ -105,7 +105,7 @@ def memorizing_model(tokenizer: Any, text: str, steps: int = 400, seed: int = 0)
     ids = [tokenizer.bos_id, *tokenizer.encode(text), tokenizer.eos_id]
     torch.manual_seed(seed)
     config = ModelConfig(vocab_size=320, dim=64, n_layers=2, dim_ffn=128, n_heads=4,
-                         n_kv_heads=2, max_len=128)
+                         n_kv_heads=2, max_seq_len=128)
     model = Transformer(config)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     x, y = torch.tensor([ids[:-1]]), torch.tensor([ids[1:]])

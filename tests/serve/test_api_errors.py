@@ -10,7 +10,7 @@ import httpx
 import pytest
 from api_helpers import LiveServer, slow_down, wait_until
 
-from astrai_serve import InferenceEngine
+from astrai_serve import ContextLengthError, InferenceEngine
 from astrai_serve.api import ServerConfig, create_app
 
 USER = [{"role": "user", "content": "Hello"}]
@@ -63,10 +63,11 @@ CHAT_400 = {
                               "top_logprobs"),
     "seed out of range": ({"messages": USER, "seed": 2**70}, "seed"),
     "string for a number": ({"messages": USER, "temperature": "hot"}, "temperature"),
-    "tools": ({"messages": USER, "tools": [{"type": "function", "function": {"name": "f"}}]},
-              "tools"),
-    "json mode": ({"messages": USER, "response_format": {"type": "json_object"}},
-                  "response_format"),
+    "tool_choice not among the tools": ({"messages": USER, "tool_choice": {
+        "type": "function", "function": {"name": "g"}},
+        "tools": [{"type": "function", "function": {"name": "f"}}]}, "tool_choice"),
+    "unknown response_format": ({"messages": USER, "response_format": {"type": "yaml"}},
+                                "response_format"),
     "logit_bias": ({"messages": USER, "logit_bias": {"5": 10}}, "logit_bias"),
     "prompt too long": ({"messages": [{"role": "user", "content": "fox " * 400}]}, "messages"),
 }
@@ -87,7 +88,7 @@ COMPLETION_400 = {
     "empty id list": ({"prompt": [[]]}, "prompt"),
     "token id beyond the vocabulary": ({"prompt": [5, 6, 100000]}, "prompt"),
     "negative token id": ({"prompt": [5, -1]}, "prompt"),
-    "echo": ({"prompt": "hi", "echo": True}, "echo"),
+    "max_tokens 0 without echo": ({"prompt": "hi", "max_tokens": 0}, "max_tokens"),
     "suffix": ({"prompt": "hi", "suffix": "end"}, "suffix"),
     "best_of above n": ({"prompt": "hi", "best_of": 3}, "best_of"),
     "too many logprobs": ({"prompt": "hi", "logprobs": 50}, "logprobs"),
@@ -103,10 +104,14 @@ def test_invalid_completion_requests_get_400_naming_the_field(url, case):
     assert error["param"] == param or error["param"].startswith(param), error
 
 
-def test_prompt_over_the_window_is_a_context_length_error(url):
-    response = httpx.post(f"{url}/v1/completions", json={"prompt": list(range(5, 300))})
-    assert "context window is 256 tokens" in assert_error(
-        response, 400, code="context_length_exceeded")["message"]
+def test_prompt_over_the_window_is_a_context_length_error(url, engine):
+    prompt = list(range(5, 300))
+    response = httpx.post(f"{url}/v1/completions", json={"prompt": prompt})
+    message = assert_error(response, 400, "prompt", "context_length_exceeded")["message"]
+    assert "context window is 256 tokens" in message
+    with pytest.raises(ContextLengthError) as refused:  # the very check the scheduler makes
+        engine.submit(prompt)
+    assert message == str(refused.value)
 
 
 @pytest.mark.parametrize("raw", [

@@ -11,7 +11,14 @@ import torch
 from serve_helpers import EOS_ID, assert_no_pages_held, random_prompts
 
 from astrai_core.model import Transformer, get_preset
-from astrai_serve import GenerationRequest, InferenceEngine, SamplingParams
+from astrai_serve import (
+    GenerationRequest,
+    InferenceEngine,
+    InferenceScheduler,
+    KVCache,
+    SamplingParams,
+    Task,
+)
 
 PROMPT = "The quick brown fox"
 
@@ -47,6 +54,57 @@ def test_async_stream_joins_to_the_full_text(engine):
         return [p async for p in engine.generate_async(PROMPT, temperature=0, max_tokens=20)]
 
     assert "".join(asyncio.run(collect())) == full
+
+
+def test_closing_an_async_stream_aborts_and_frees_its_pages(engine):
+    async def first_piece() -> str:
+        stream = engine.generate_async(PROMPT, temperature=0, max_tokens=200, ignore_eos=True)
+        piece = await anext(stream)
+        await stream.aclose()
+        return piece
+
+    assert asyncio.run(first_piece())
+    assert_no_pages_held(engine)
+
+
+def test_the_result_is_a_view_of_its_task_and_holds_no_copy(engine):
+    prompt = random_prompts([9], seed=21)[0]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=0)
+    result = engine.submit(prompt, params, text=True).wait_completion()
+    task = result._task
+    assert set(vars(result)) == {"_task", "_cond", "_listeners", "_popped"}
+    assert result.token_ids == task.token_ids[9:] and result.generated_tokens == 6
+    assert [e.token_id for e in result.logprobs] == result.token_ids
+    assert result.text == task.text.text and result.pop_all() == [result.text]
+    assert result.pop_all() == []  # popped once
+    assert (result.finish_reason, result.cached_tokens, result.finish_time) == (
+        task.finish_reason, task.cached_tokens, task.finish_time)
+    assert result.arrival_time <= result.first_token_time <= result.finish_time
+
+
+def test_get_results_is_the_output_text(engine):
+    params = SamplingParams(temperature=0, max_tokens=12)
+    result = engine.submit(engine._encode(PROMPT), params, text=True).wait_completion()
+    assert result.get_results() == result.text == greedy_text(engine, max_tokens=12)
+    assert engine.submit([5, 6, 7], params).wait_completion().get_results() == ""  # ids only
+
+
+def test_next_pos_is_where_the_next_token_is_fed(engine, model):
+    kvcache = KVCache(model.kv_spec(), model.config.n_layers, page_size=4, max_tokens=64)
+    scheduler = InferenceScheduler(model, kvcache, max_batch_size=2, max_num_tokens=8)
+    prompt = random_prompts([10], seed=4)[0]
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    task = Task("t", prompt, params)
+    scheduler.add_task(task)  # no step loop: steps are taken by hand below
+    assert task.next_pos == 0
+    scheduler.step()  # the first 8 prompt tokens: the step's whole budget, no sample yet
+    assert (task.next_pos, task.output_tokens) == (8, 0)
+    scheduler.step()  # the last 2 prompt tokens, then the first sample
+    assert (task.next_pos, task.output_tokens) == (10, 1)
+    scheduler.step()  # decoding: one token fed, one sampled
+    assert (task.next_pos, task.output_tokens) == (11, 2)
+    assert scheduler.step() == [task] and task.result.finish_reason == "length"
+    assert task.result.token_ids == engine.generate_ids([prompt], params)[0].token_ids
 
 
 def test_stop_string_is_trimmed_and_never_streamed(engine):
@@ -95,6 +153,8 @@ def test_greedy_top_k_1_and_seeds_are_deterministic(engine):
     assert a.token_ids == b.token_ids  # the same seed, alone or in a batch
     group = engine.generate_ids(ids, seeded, n=3)  # n samples: seeds 123, 124, 125
     assert group[0].token_ids == a.token_ids and len({tuple(r.token_ids) for r in group}) > 1
+    alone = engine.generate_ids(ids, SamplingParams(**{**vars(seeded), "seed": 125}))[0]
+    assert group[2].token_ids == alone.token_ids
 
 
 def test_n_samples_share_the_prompt_through_the_prefix_cache(engine):
@@ -137,7 +197,7 @@ def test_closing_a_stream_aborts_and_frees_its_pages(engine):
 
 def test_bad_requests_are_refused_with_a_clear_error(engine):
     with pytest.raises(ValueError, match="context window"):
-        engine.submit(list(range(5, 5 + 256)))  # the model's max_len is 256
+        engine.submit(list(range(5, 5 + 256)))  # the model's max_seq_len is 256
     with pytest.raises(ValueError, match="empty"):
         engine.submit([])
     with pytest.raises(ValueError, match="one prompt"):

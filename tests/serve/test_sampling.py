@@ -126,3 +126,12 @@ def test_logprobs_are_the_raw_log_softmax(logits):
 def test_invalid_sampling_params_are_refused(bad, match):
     with pytest.raises(ValueError, match=match):
         SamplingParams(**bad)
+
+
+def test_sample_i_of_a_seeded_request_uses_seed_plus_i():
+    base = SamplingParams(seed=40, max_tokens=3, temperature=0.5)
+    samples = [base.for_sample(i) for i in range(3)]
+    assert [p.seed for p in samples] == [40, 41, 42]
+    assert samples[0] is base and samples[2].max_tokens == 3 and samples[2].temperature == 0.5
+    unseeded = SamplingParams()
+    assert unseeded.for_sample(5) is unseeded  # no seed: nothing to vary

@@ -95,9 +95,9 @@ def make_config(tmp_path: Path) -> Callable[..., TrainConfig]:
     """TrainConfig with quiet, fast test defaults; keyword arguments override."""
 
     def make(**overrides: Any) -> TrainConfig:
-        defaults = dict(batch_size=2, learning_rate=1e-3, ckpt_dir=str(tmp_path / "out"),
-                        ckpt_interval=1000, progress_bar=False, device_type="cpu",
-                        scheduler="constant", random_seed=0)
+        defaults = dict(batch_size=2, learning_rate=1e-3, out=str(tmp_path / "out"),
+                        ckpt_interval=1000, progress=False, device="cpu",
+                        scheduler="constant", seed=0)
         return TrainConfig(**{**defaults, **overrides})
 
     return make

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
 import sys
 import types
 
@@ -28,11 +29,13 @@ from astrai_train import (
 def test_checkpoints_keep_the_last_k_and_are_servable_model_folders(
         make_config, seq_dataset, tokenizer_dir, tmp_path):
     out = tmp_path / "out"
-    (out / ".step_00000009.tmp-dead").mkdir(parents=True)  # left by a killed run
-    (out / ".step_00000008.old-123").mkdir()
+    child = subprocess.Popen([sys.executable, "-c", ""])  # a pid no process has any more
+    child.wait()
+    (out / ".step_00000009.tmp-dead").mkdir(parents=True)  # left by a killed run (no pid)
+    (out / f".step_00000008.old-{child.pid}-0").mkdir()  # left by a killed run (dead pid)
     model = micro_model()
     config = make_config(model=model, dataset=seq_dataset, max_steps=5, ckpt_interval=1,
-                         keep_last=2, tokenizer_dir=str(tokenizer_dir))
+                         keep_last=2, tokenizer=str(tokenizer_dir))
     Trainer(config).train()
     assert sorted(p.name for p in out.iterdir()) == ["logs", "step_00000004", "step_00000005"]
     last = out / "step_00000005"
@@ -66,12 +69,10 @@ def test_metric_log_has_one_line_per_interval_with_strategy_metrics(make_config,
             "reward_margin", "rewards_chosen", "rewards_rejected"} <= set(first)
     assert first["tokens_per_s"] > 0 and first["grad_norm"] > 0
     assert not (tmp_path / "logs" / "tensorboard").exists()  # tensorboard is not installed
-    assert not (tmp_path / "logs" / "loss.png").exists()  # nor matplotlib
 
 
-def test_tensorboard_and_the_loss_plot_are_used_when_installed(
-        make_config, seq_dataset, tmp_path, monkeypatch):
-    scalars, saved = [], []
+def test_tensorboard_is_used_when_installed(make_config, seq_dataset, monkeypatch):
+    scalars = []
 
     class SummaryWriter:
         def __init__(self, log_dir):
@@ -83,33 +84,41 @@ def test_tensorboard_and_the_loss_plot_are_used_when_installed(
         def close(self):
             scalars.append(("closed", -1))
 
-    class Figure:
-        def __init__(self, **kwargs):
-            pass
-
-        def subplots(self):
-            return types.SimpleNamespace(plot=lambda x, y, **kw: saved.append(list(x)),
-                                         set_xlabel=lambda *a: None, set_ylabel=lambda *a: None,
-                                         grid=lambda **kw: None)
-
-        def savefig(self, path):
-            path.write_bytes(b"png")
-
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard",
                         types.SimpleNamespace(SummaryWriter=SummaryWriter))
-    monkeypatch.setitem(sys.modules, "matplotlib", types.ModuleType("matplotlib"))
-    monkeypatch.setitem(sys.modules, "matplotlib.figure", types.SimpleNamespace(Figure=Figure))
     Trainer(make_config(model=micro_model(), dataset=seq_dataset, max_steps=3, log_interval=1)).train()
     assert ("train/loss", 3) in scalars and scalars[-1] == ("closed", -1)
-    assert saved == [[1, 2, 3]] and (tmp_path / "out" / "logs" / "loss.png").read_bytes() == b"png"
 
 
-def test_progress_bar_shows_loss_lr_throughput_and_eta(make_config, seq_dataset):
+def test_the_loss_curve_is_a_png_with_matplotlib_and_skipped_without(make_config, seq_dataset,
+                                                                     tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    Trainer(make_config(model=micro_model(), dataset=seq_dataset, max_steps=3, log_interval=1,
+                        out=str(tmp_path / "with"))).train()
+    assert (tmp_path / "with" / "logs" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails: not installed
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    Trainer(make_config(model=micro_model(), dataset=seq_dataset, max_steps=3, log_interval=1,
+                        out=str(tmp_path / "without"))).train()
+    assert (tmp_path / "without" / "logs" / "metrics.jsonl").is_file()
+    assert not (tmp_path / "without" / "logs" / "loss.png").exists()
+
+
+@pytest.mark.parametrize("terminal", [True, False], ids=["terminal", "log-file"])
+def test_progress_shows_the_run_s_steps_loss_lr_throughput_and_eta(make_config, seq_dataset,
+                                                                   terminal):
     stream = io.StringIO()
-    bar = ProgressBarCallback(num_epoch=1, console=Console(file=stream, width=150))
-    Trainer(make_config(model=micro_model(), dataset=seq_dataset, max_steps=3), callbacks=[bar]).train()
+    console = Console(file=stream, width=150, force_terminal=terminal)
+    # 1000 epochs bounded by max_steps (as the quickstart's stages): no fake epoch count.
+    bar = ProgressBarCallback(num_epoch=1000, console=console, description="seq")
+    Trainer(make_config(model=micro_model(), dataset=seq_dataset, max_steps=3, n_epoch=1000),
+            callbacks=[bar]).train()
     text = stream.getvalue()
     assert "3/3" in text and "loss " in text and "tok/s" in text and "ETA" in text
+    assert "epoch" not in text and "seq" in text
+    if not terminal:  # plain lines, nothing cut: every field in full on one line per update
+        last = text.strip().splitlines()[-1]
+        assert last.startswith("seq step 3/3 (100%)") and "elapsed 0:00:" in last
 
 
 def test_factory_creates_callbacks_by_name():

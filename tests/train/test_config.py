@@ -11,7 +11,7 @@ from astrai_train import TrainConfig
 
 def test_defaults_are_valid_and_single_process():
     config = TrainConfig()
-    assert (config.nprocs, config.strategy, config.device_type) == (1, "seq", "auto")
+    assert (config.nprocs, config.strategy, config.device) == (1, "seq", "auto")
 
 
 @pytest.mark.parametrize(("field", "value"), [
@@ -20,7 +20,7 @@ def test_defaults_are_valid_and_single_process():
     ("max_grad_norm", -1.0), ("adam_beta2", 1.0), ("label_smoothing", 1.0), ("dpo_beta", 0.0),
     ("dpo_reduction", "max"), ("grpo_clip_eps", 1.5), ("grpo_kl_coef", -0.1),
     ("grpo_group_size", 1), ("max_steps", 0), ("ckpt_interval", 0), ("keep_last", -1),
-    ("device_type", "tpu"), ("precision", "fp16"), ("num_workers", -1), ("min_rate", 1.5),
+    ("device", "tpu"), ("dtype", "fp16"), ("num_workers", -1), ("min_rate", 1.5),
     ("warmup_steps", True), ("backend", "mpi"), ("lr_decay_steps", 0), ("t_mult", 0),
 ])
 def test_invalid_values_raise_naming_the_field(field, value):

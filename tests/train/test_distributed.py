@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
-from train_helpers import micro_model
+from train_helpers import MICRO_GRAD_TERMS, micro_model
 
 from astrai_core import Checkpoint
 from astrai_data import DatasetFactory
@@ -31,16 +31,23 @@ from astrai_train.parallel import (
     resolve_port,
     spawn_parallel_fn,
 )
+from tolerances import adamw_drift_bound, reorder_bound
 
 WORLD = 2
 # Clipping at 0.3 is active (the first norms are ~0.8): equality also proves the global norm.
-COMMON = dict(learning_rate=1e-3, progress_bar=False, device_type="cpu", scheduler="constant",
-              random_seed=0, max_grad_norm=0.3, log_interval=1)
+# The runs compute in float64, so the tolerances below (derived from float64's epsilon, see
+# train_helpers) are far below any real defect (a lost or doubled rank moves weights ~lr = 1e-3)
+# and far above the reordering noise of any CPU.
+GRAD_ERROR = reorder_bound(MICRO_GRAD_TERMS)
+LOSS_ERROR = reorder_bound(4 * 16 * 64, scale=10.0)  # 64 tokens x a 64-way logsumexp, |logit| < 10
+NORM_REL_ERROR = GRAD_ERROR * 200 / 0.3  # sqrt(~40k parameters) x per-element error / norm > 0.3
+COMMON = dict(learning_rate=1e-3, progress=False, device="cpu", scheduler="constant",
+              seed=0, max_grad_norm=0.3, log_interval=1)
 
 
 def _config(data: str, out: str, **overrides: Any) -> TrainConfig:
     dataset = DatasetFactory.load("seq", data, window_size=16)
-    return TrainConfig(model=micro_model(0), dataset=dataset, ckpt_dir=out,
+    return TrainConfig(model=micro_model(0).double(), dataset=dataset, out=out,
                        **{**COMMON, **overrides})
 
 
@@ -51,7 +58,7 @@ def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def _assert_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], atol: float) -> None:
     assert got.keys() == want.keys()
     for name, tensor in want.items():
-        diff = (got[name].float() - tensor.float()).abs().max().item()
+        diff = (got[name].double() - tensor.double()).abs().max().item()
         assert diff <= atol, f"{name}: max difference {diff}"
 
 
@@ -113,7 +120,7 @@ class _SignalRankOne(TrainCallback):
 def _tensor_parallel_worker(data: str, tmp: str) -> None:
     # Both ranks read the same batches (parallel="none": no data parallelism) and hold half of
     # every attention and MLP; checkpoints gather the full weights.
-    model = parallelize_transformer(micro_model(0))
+    model = parallelize_transformer(micro_model(0).double())
     config = _config(data, f"{tmp}/tp", batch_size=2, max_steps=3, parallel="none",
                      state_dict_fn=gather_tensor_parallel_state_dict).replace(model=model)
     Trainer(config).train()
@@ -144,19 +151,20 @@ def test_ddp_and_accumulation_equal_one_process_on_the_union_of_batches(seq_file
     spawn_parallel_fn(_ddp_worker, WORLD, str(seq_file), str(tmp_path), device_type="cpu")
     got = torch.load(tmp_path / "ddp.pt")
     reference = _reference(str(seq_file), str(tmp_path / "single"), steps=3)
-    _assert_close(got["ddp"], reference, atol=1e-6)
-    _assert_close(got["acc"], reference, atol=1e-6)
+    drift = adamw_drift_bound(3, COMMON["learning_rate"], GRAD_ERROR)
+    _assert_close(got["ddp"], reference, atol=drift)
+    _assert_close(got["acc"], reference, atol=drift)
     single = Trainer(_config(str(seq_file), str(tmp_path / "single1"), batch_size=4,
                              max_steps=3)).train()
-    assert got["loss"] == pytest.approx(single.loss, abs=1e-6)  # the mean over ranks is logged
+    assert got["loss"] == pytest.approx(single.loss, abs=LOSS_ERROR)  # the mean over ranks is logged
     assert got["tokens"] == single.tokens_seen  # tokens summed over ranks
     assert (tmp_path / "ddp" / "step_00000003").is_dir()  # written once, by rank 0
     # AdamW hardly sees a clipping scale, so check the logged global norm directly.
     norms = _logged(tmp_path / "single", "grad_norm")
     assert min(norms) > COMMON["max_grad_norm"]  # clipping was active
-    assert _logged(tmp_path / "ddp", "grad_norm") == pytest.approx(norms, rel=1e-5)
+    assert _logged(tmp_path / "ddp", "grad_norm") == pytest.approx(norms, rel=NORM_REL_ERROR)
     assert _logged(tmp_path / "ddp", "loss") == pytest.approx(_logged(tmp_path / "single", "loss"),
-                                                              abs=1e-6)
+                                                              abs=LOSS_ERROR)
 
 
 @pytest.mark.slow
@@ -165,15 +173,16 @@ def test_fsdp_equals_one_process_and_its_checkpoint_loads_and_resumes_exactly(se
     spawn_parallel_fn(_fsdp_worker, WORLD, str(seq_file), str(tmp_path), device_type="cpu")
     reference = _reference(str(seq_file), str(tmp_path / "single"), steps=4)
     final = Checkpoint.load(tmp_path / "fsdp" / "step_00000004")
-    _assert_close(final.state_dict, reference, atol=1e-6)
+    drift = adamw_drift_bound(4, COMMON["learning_rate"], GRAD_ERROR)
+    _assert_close(final.state_dict, reference, atol=drift)
     # The checkpoint of 2 sharded ranks loads into one plain model.
-    model = micro_model(1)
+    model = micro_model(1).double()
     model.load_state_dict(final.state_dict)
-    _assert_close(_weights(model), reference, atol=1e-6)
+    _assert_close(_weights(model), reference, atol=drift)
     # The global norm over the DTensor shards, as one process computes it (clipping active).
     norms = _logged(tmp_path / "single", "grad_norm")
     assert min(norms) > COMMON["max_grad_norm"]
-    assert _logged(tmp_path / "fsdp", "grad_norm") == pytest.approx(norms, rel=1e-5)
+    assert _logged(tmp_path / "fsdp", "grad_norm") == pytest.approx(norms, rel=NORM_REL_ERROR)
     assert [p.name for p in (tmp_path / "stopped").glob("step_*")] == ["step_00000003"]
     # Resuming at step 2 with the same world size is bit-identical, optimizer state included.
     resumed = Checkpoint.load(tmp_path / "resumed" / "step_00000004")
@@ -193,10 +202,11 @@ def test_tensor_parallel_training_equals_one_process(seq_file, tmp_path):
     single = Trainer(_config(str(seq_file), str(tmp_path / "single"), batch_size=2,
                              max_steps=3)).train()
     tp = Checkpoint.load(tmp_path / "tp" / "step_00000003")
-    _assert_close(tp.state_dict, _weights(single.raw_model), atol=1e-5)
+    _assert_close(tp.state_dict, _weights(single.raw_model),
+                  atol=adamw_drift_bound(3, COMMON["learning_rate"], GRAD_ERROR))
     norms = _logged(tmp_path / "single", "grad_norm")
     assert min(norms) > COMMON["max_grad_norm"]  # clipping was active
-    assert _logged(tmp_path / "tp", "grad_norm") == pytest.approx(norms, rel=1e-5)  # global norm
+    assert _logged(tmp_path / "tp", "grad_norm") == pytest.approx(norms, rel=NORM_REL_ERROR)
 
 
 @pytest.mark.timeout(120)
@@ -246,8 +256,8 @@ def test_astrai_train_nprocs_2_runs_end_to_end_on_cpu(seq_file, tokenizer_dir, t
 
     out = tmp_path / "run"
     args = ["train", "--strategy", "seq", "--data", str(seq_file), "--out", str(out),
-            "--preset", "tiny", "--tokenizer", str(tokenizer_dir), "--window-size", "16",
-            "--batch-size", "2", "--no-progress-bar", "--device-type", "cpu", "--nprocs", "2",
+            "--preset", "tiny", "--tokenizer", str(tokenizer_dir), "--max-seq-len", "16",
+            "--batch-size", "2", "--no-progress", "--device", "cpu", "--nprocs", "2",
             "--parallel", "fsdp", "--max-steps", "2", "--log-interval", "1"]
     result = CliRunner().invoke(app, args, catch_exceptions=True)
     assert result.exit_code == 0, result.output + repr(result.exception)
@@ -270,8 +280,8 @@ def test_astrai_train_joins_a_torchrun_process_group(seq_file, tokenizer_dir, tm
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     args = ["train", "--strategy", "seq", "--data", str(seq_file), "--out", str(tmp_path / "run"),
-            "--preset", "tiny", "--tokenizer", str(tokenizer_dir), "--window-size", "16",
-            "--batch-size", "2", "--no-progress-bar", "--device-type", "cpu", "--parallel", "ddp",
+            "--preset", "tiny", "--tokenizer", str(tokenizer_dir), "--max-seq-len", "16",
+            "--batch-size", "2", "--no-progress", "--device", "cpu", "--parallel", "ddp",
             "--max-steps", "1"]
     result = CliRunner().invoke(app, args, catch_exceptions=True)
     assert result.exit_code == 0, result.output + repr(result.exception)
@@ -289,8 +299,8 @@ def test_torchrun_runs_python_m_astrai_train_on_2_processes(seq_file, tokenizer_
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
                "2", "-m", "astrai_train", "train", "--strategy", "seq", "--data", str(seq_file),
                "--out", str(out), "--preset", "tiny", "--tokenizer", str(tokenizer_dir),
-               "--window-size", "16", "--batch-size", "2", "--no-progress-bar",
-               "--device-type", "cpu", "--max-steps", "2"]
+               "--max-seq-len", "16", "--batch-size", "2", "--no-progress",
+               "--device", "cpu", "--max-steps", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=240, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -14,7 +14,6 @@ from astrai_core import AutoModel, Checkpoint
 from astrai_core.cli.main import app
 from astrai_train import TrainConfig
 from astrai_train.cli import parse_extra
-from astrai_train.launch import option_name
 
 runner = CliRunner()
 
@@ -22,8 +21,8 @@ runner = CliRunner()
 @pytest.fixture
 def base_args(seq_file, tokenizer_dir, tmp_path) -> list[str]:
     return ["train", "--strategy", "seq", "--data", str(seq_file), "--out", str(tmp_path / "run"),
-            "--preset", "tiny", "--tokenizer", str(tokenizer_dir), "--window-size", "16",
-            "--batch-size", "2", "--no-progress-bar", "--device-type", "cpu"]
+            "--preset", "tiny", "--tokenizer", str(tokenizer_dir), "--max-seq-len", "16",
+            "--batch-size", "2", "--no-progress", "--device", "cpu"]
 
 
 def _invoke(args: list[str]):
@@ -112,7 +111,7 @@ def test_every_trainconfig_value_field_has_a_flag():
     command = typer.main.get_command(app).commands["train"]
     flags = {opt for param in command.params for opt in param.opts}
     for f in TrainConfig.value_fields():
-        assert "--" + option_name(f).replace("_", "-") in flags, f.name
+        assert "--" + f.name.replace("_", "-") in flags, f.name  # flag name == field name
     assert "--resume" in flags and "--config" in flags
 
 
@@ -143,7 +142,7 @@ def test_a_stopped_run_says_how_to_continue_and_a_non_finite_one_fails_in_one_li
 
     monkeypatch.setattr(cli, "Trainer", Stopped)
     result = _invoke(base_args)
-    assert result.exit_code == 0
+    assert result.exit_code == cli.EXIT_STOPPED == 75  # neither success nor failure: requeue
     assert "stopped by SIGTERM after step 3; saved run/step_00000003" in result.output
     assert "--resume" in result.output
 
@@ -154,3 +153,43 @@ def test_a_stopped_run_says_how_to_continue_and_a_non_finite_one_fails_in_one_li
     monkeypatch.setattr(cli, "Trainer", Diverged)
     result = _invoke([*base_args, "--out", str(Path(base_args[6]).parent / "other")])
     assert result.exit_code == 1 and "error: step 4: non-finite loss" in result.output
+
+
+def test_resume_skips_a_corrupt_newest_checkpoint_and_says_so(base_args, tmp_path):
+    assert _invoke([*base_args, "--max-steps", "2", "--ckpt-interval", "1",
+                    "--keep-last", "0"]).exit_code == 0
+    run = tmp_path / "run"
+    weights = run / "step_00000002" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated, as by a full disk
+    result = _invoke(["train", "--out", str(run), "--resume", "--max-steps", "3"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert "step_00000002 is unreadable" in result.output
+    assert "resuming from step_00000001" in result.output and "resuming after 1" in result.output
+    assert (run / "step_00000002.corrupt" / "model.safetensors").is_file()  # kept, not deleted
+    assert Checkpoint.load(run / "step_00000003").iteration == 3
+
+
+def test_resume_with_no_intact_checkpoint_fails_in_one_line(base_args, tmp_path):
+    assert _invoke([*base_args, "--max-steps", "1"]).exit_code == 0
+    weights = tmp_path / "run" / "step_00000001" / "model.safetensors"
+    weights.write_bytes(b"")
+    result = _invoke(["train", "--out", str(tmp_path / "run"), "--resume", "--max-steps", "2"])
+    assert isinstance(result.exception, ValueError)
+    assert "no checkpoint in" in str(result.exception) and "can be read" in str(result.exception)
+
+
+def test_a_model_folder_without_a_tokenizer_is_refused_before_training(seq_file, tokenizer_dir,
+                                                                     tmp_path):
+    model_dir = tmp_path / "bare"
+    assert runner.invoke(app, ["model", "init", "--preset", "tiny", "--vocab-size", "64",
+                               "--out", str(model_dir)]).exit_code == 0
+    args = ["train", "--data", str(seq_file), "--out", str(tmp_path / "run"), "--model",
+            str(model_dir), "--max-seq-len", "16", "--batch-size", "2", "--max-steps", "1",
+            "--no-progress", "--device", "cpu"]
+    result = _invoke(args)
+    assert isinstance(result.exception, ValueError) and "has no tokenizer" in str(result.exception)
+    assert "--tokenizer DIR" in str(result.exception)
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+    result = _invoke([*args, "--tokenizer", str(tokenizer_dir)])  # carried into checkpoints
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert (tmp_path / "run" / "step_00000001" / "tokenizer.json").is_file()

@@ -14,7 +14,7 @@ VOCAB = 64
 
 def micro_config(**overrides: Any) -> ModelConfig:
     fields = dict(vocab_size=VOCAB, dim=32, n_layers=2, dim_ffn=64, n_heads=4, n_kv_heads=2,
-                  max_len=64, use_qk_norm=True)
+                  max_seq_len=64, use_qk_norm=True)
     return ModelConfig(**{**fields, **overrides})
 
 
@@ -51,7 +51,13 @@ def resume_config(data_path: Any, out: Any, model: nn.Module | None = None, **ov
                                       range(12))
     values = dict(model=model if model is not None else DropoutLM(0),
                   batch_size=2, accumulation_steps=2, n_epoch=3, max_steps=8, ckpt_interval=3,
-                  keep_last=0, log_interval=1, ckpt_dir=str(out), scheduler="cosine",
-                  warmup_steps=2, learning_rate=1e-2, progress_bar=False, device_type="cpu",
-                  random_seed=5)
+                  keep_last=0, log_interval=1, out=str(out), scheduler="cosine",
+                  warmup_steps=2, learning_rate=1e-2, progress=False, device="cpu",
+                  seed=5)
     return TrainConfig(**{**values, **overrides})
+
+
+# Per gradient element of the micro model in one step: a sum over the batch's positions
+# (4 samples x 16 tokens) of products that each went through 2 blocks of width <= 64, so at most
+# 64 x 64 x 2 rounded operations; clipped gradients are below 1 per element.
+MICRO_GRAD_TERMS = 64 * 64 * 2

@@ -3,6 +3,7 @@ checkpoints and the `astrai` CLI root."""
 
 from importlib.metadata import version as _version
 
+from astrai_core.atomic import atomic_dir, atomic_file, remove_stale_temps
 from astrai_core.checkpoint import Checkpoint
 from astrai_core.factory import BaseFactory, Registry
 from astrai_core.model import (
@@ -15,13 +16,17 @@ from astrai_core.model import (
     Embedding,
     KVSpec,
     Linear,
+    LoRAAdapter,
+    LoRAConfig,
     ModelConfig,
+    MoE,
     PagedCache,
     RMSNorm,
     RotaryEmbedding,
     Transformer,
     generate,
     get_preset,
+    moe_layers,
 )
 from astrai_core.tokenizer import AutoTokenizer, ChatTemplate, IncrementalDecoder
 
@@ -42,12 +47,19 @@ __all__ = [
     "IncrementalDecoder",
     "KVSpec",
     "Linear",
+    "LoRAAdapter",
+    "LoRAConfig",
     "ModelConfig",
+    "MoE",
     "PagedCache",
     "RMSNorm",
     "Registry",
     "RotaryEmbedding",
     "Transformer",
+    "atomic_dir",
+    "atomic_file",
     "generate",
     "get_preset",
+    "moe_layers",
+    "remove_stale_temps",
 ]

@@ -8,8 +8,12 @@ Layout (a checkpoint is itself a model folder that `AutoModel.from_pretrained` l
                                             rng, ...): nested Python state with every tensor
                                             moved to safetensors and the rest kept as JSON
 
-Everything is written to a temporary sibling folder and renamed into place, so a crash never
-leaves a half-written checkpoint; nothing is pickled.
+A LoRA run's checkpoint holds `adapter_config.json` + `adapter_model.safetensors` (PEFT's adapter
+folder, model/adapter.py) in place of config.json and the full weights: the base stays where
+the run loaded it from, and `astrai model merge-lora BASE CKPT` makes a model folder of both.
+
+Everything is written to a temporary sibling folder and renamed into place (`atomic_dir`), so a
+crash never leaves a half-written checkpoint; nothing is pickled.
 """
 
 from __future__ import annotations
@@ -17,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,8 +28,16 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from astrai_core.atomic import atomic_dir
+from astrai_core.model.adapter import ADAPTER_CONFIG, LoRAAdapter
 from astrai_core.model.config import ModelConfig
-from astrai_core.model.weights import load_safetensors, load_weights, save_weights
+from astrai_core.model.weights import (
+    WEIGHTS_INDEX_NAME,
+    WEIGHTS_NAME,
+    load_safetensors,
+    load_weights,
+    save_weights,
+)
 
 FORMAT_VERSION = 1
 STATE_NAME = "trainer_state.json"
@@ -71,17 +82,13 @@ class Checkpoint:
     config: ModelConfig | None = None
     states: dict[str, Any] = field(default_factory=dict)  # group name -> nested state
     files: dict[str, Path] = field(default_factory=dict)  # extra files to copy in (tokenizer)
+    # A LoRA run's checkpoint holds its adapter (PEFT's files) instead of full weights.
+    adapter: LoRAAdapter | None = None
 
     def save(self, save_dir: str | os.PathLike) -> Path:
         target = Path(save_dir)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        try:
+        with atomic_dir(target) as tmp:
             self._write(tmp)
-            _replace_dir(tmp, target)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
         return target
 
     def _write(self, folder: Path) -> None:
@@ -90,7 +97,10 @@ class Checkpoint:
             self.config.save(folder / "config.json")
             if self.config.tie_weight:
                 state.pop("lm_head.weight", None)
-        save_weights(state, folder)
+        if state or self.adapter is None:
+            save_weights(state, folder)
+        if self.adapter is not None:
+            self.adapter.write(folder)
         for name, group in self.states.items():
             tensors: dict[str, torch.Tensor] = {}
             skeleton = flatten_state(group, tensors)
@@ -102,7 +112,6 @@ class Checkpoint:
         (folder / STATE_NAME).write_text(json.dumps(meta, indent=2) + "\n")
         for name, source in self.files.items():
             shutil.copy2(source, folder / name)
-        _fsync_tree(folder)
 
     @classmethod
     def load(cls, save_dir: str | os.PathLike) -> Checkpoint:
@@ -113,37 +122,41 @@ class Checkpoint:
                 f"{folder} is not a training checkpoint ({STATE_NAME} is missing); "
                 "to start from a model folder, pass it as the model instead of resuming"
             )
-        meta = json.loads(meta_path.read_text())
+        meta = _read_json(meta_path, dict)
         if meta.get("format_version") != FORMAT_VERSION:
             raise ValueError(
                 f"{meta_path}: checkpoint format {meta.get('format_version')} is not "
                 f"{FORMAT_VERSION}, which this AstrAI version reads"
             )
         config = ModelConfig.load(folder / "config.json") if (folder / "config.json").is_file() else None
-        state_dict = load_weights(folder)
+        adapter = LoRAAdapter.load(folder) if (folder / ADAPTER_CONFIG).is_file() else None
+        has_weights = (folder / WEIGHTS_NAME).is_file() or (folder / WEIGHTS_INDEX_NAME).is_file()
+        state_dict = load_weights(folder) if has_weights or adapter is None else {}
         if config is not None and config.tie_weight and "embed_tokens.weight" in state_dict:
             state_dict["lm_head.weight"] = state_dict["embed_tokens.weight"]
         states = {}
-        for name in meta["groups"]:
+        try:
+            groups, epoch, iteration = list(meta["groups"]), int(meta["epoch"]), int(meta["iteration"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{meta_path}: not a valid checkpoint state ({exc!r} is missing or "
+                             "malformed); the checkpoint is damaged") from None
+        for name in groups:
             tensor_file = folder / f"{name}.safetensors"
             tensors = load_safetensors(tensor_file) if tensor_file.is_file() else {}
-            states[name] = unflatten_state(json.loads((folder / f"{name}.json").read_text()), tensors)
-        return cls(state_dict, meta["epoch"], meta["iteration"], config, states)
+            states[name] = unflatten_state(_read_json(folder / f"{name}.json", object), tensors)
+        return cls(state_dict, epoch, iteration, config, states, adapter=adapter)
 
 
-def _fsync_tree(folder: Path) -> None:
-    for path in folder.iterdir():
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Move `new` to `target`, replacing an existing folder with at most a brief gap."""
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-        os.replace(new, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new, target)
+def _read_json(path: Path, kind: type) -> Any:
+    """A checkpoint's JSON file; a missing, unreadable or wrongly shaped one is a damaged
+    checkpoint, said in one line (resume then falls back to an older checkpoint)."""
+    try:
+        value = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} is missing; the checkpoint is incomplete") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: unreadable ({exc}); the checkpoint is damaged") from None
+    if not isinstance(value, kind):
+        raise ValueError(f"{path}: holds a JSON {type(value).__name__}, not an object; the "
+                         "checkpoint is damaged")
+    return value

@@ -36,7 +36,6 @@ from astrai_data.storage import (
 )
 from astrai_data.synth import (
     NUMERIC_TASKS,
-    REWARD_FUNCTIONS,
     SynthReport,
     exact_answer_reward,
     extract_answer,
@@ -50,7 +49,6 @@ __version__ = _version("astrai-data")
 
 __all__ = [
     "NUMERIC_TASKS",
-    "REWARD_FUNCTIONS",
     "BaseDataset",
     "BaseSegmentFetcher",
     "BaseStorage",

@@ -15,12 +15,14 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from astrai_core.cli.aliases import aliased
+
 data_app = typer.Typer(help="Prepare, inspect and synthesize training data.",
                        no_args_is_help=True)
 console = Console()
 
 
-class Kind(StrEnum):
+class Strategy(StrEnum):
     seq = "seq"
     sft = "sft"
     dpo = "dpo"
@@ -37,9 +39,9 @@ def _exit_on_sigterm() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-@data_app.command("prepare")
+@data_app.command("prepare", cls=aliased({"--kind": "--strategy", "--workers": "--num-workers"}))
 def prepare_cmd(
-    kind: Kind = typer.Option(..., "--kind", help="Train type the data is for."),
+    strategy: Strategy = typer.Option(..., "--strategy", help="Training strategy the data is for."),
     tokenizer: Path = typer.Option(..., "--tokenizer", help="Tokenizer (or model) folder."),
     inputs: list[Path] = typer.Option(..., "--input", "-i",
                                       help="JSONL input file; several may follow the option."),
@@ -48,20 +50,20 @@ def prepare_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="Output file (.h5; .json/.jsonl for tiny data)."),
     skip_invalid: bool = typer.Option(False, "--skip-invalid",
                                       help="Skip malformed lines and report how many."),
-    workers: int | None = typer.Option(None, "--workers", help="Tokenizer processes (default: all CPUs)."),
+    num_workers: int | None = typer.Option(None, "--num-workers", help="Tokenizer processes (default: all CPUs)."),
     compression: str | None = typer.Option(None, "--compression", help="gzip or lzf (default: none)."),
 ) -> None:
     """Tokenize JSONL into a dataset file. Input formats are in the astrai-data README.
 
-    Example: astrai data prepare --kind sft --tokenizer tok/ --input sft.jsonl --out sft.h5
+    Example: astrai data prepare --strategy sft --tokenizer tok/ --input sft.jsonl --out sft.h5
     """
     from astrai_data.prepare import PrepareConfig, prepare
     from astrai_data.storage import H5WriteConfig
 
-    config = PrepareConfig(skip_invalid=skip_invalid, num_workers=workers,
+    config = PrepareConfig(skip_invalid=skip_invalid, num_workers=num_workers,
                            storage=H5WriteConfig(compression=compression))
     with _exit_on_sigterm():
-        report = prepare(kind.value, [*inputs, *(more_inputs or [])], out, tokenizer, config,
+        report = prepare(strategy.value, [*inputs, *(more_inputs or [])], out, tokenizer, config,
                          progress=True)
     console.print(f"wrote {report.out}: {report.kind}, {report.records:,} records, "
                   f"{report.tokens:,} tokens in {report.seconds:.1f} s "
@@ -72,19 +74,19 @@ def prepare_cmd(
             console.print(Text(f"  {line}"), soft_wrap=True)
 
 
-@data_app.command("synth")
+@data_app.command("synth", cls=aliased({"--size": "--corpus-size"}))
 def synth_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="Folder to write the corpus files into."),
-    size: int | None = typer.Option(None, "--size", help="SFT chats; other files scale with it."),
+    corpus_size: int | None = typer.Option(None, "--corpus-size", help="SFT chats; other files scale with it."),
     seed: int = typer.Option(0, "--seed", help="Same seed and size, same files."),
 ) -> None:
     """Write the synthetic English/Chinese corpus for every stage, with held-out eval files.
 
-    Example: astrai data synth --out data/ --size 2000 --seed 0
+    Example: astrai data synth --out data/ --corpus-size 2000 --seed 0
     """
     from astrai_data.synth import DEFAULT_SIZE, synthesize
 
-    report = synthesize(out, size=size or DEFAULT_SIZE, seed=seed)
+    report = synthesize(out, size=corpus_size or DEFAULT_SIZE, seed=seed)
     table = Table(title=f"{out} (seed {seed}, size {report.size})")
     table.add_column("file")
     table.add_column("records", justify="right")
@@ -101,7 +103,7 @@ def inspect_cmd(
                                           help="Decode with this tokenizer (default: the one "
                                                "recorded at preparation, if still there)."),
 ) -> None:
-    """Show a dataset file's kind, keys, record and token counts and one decoded example.
+    """Show a dataset file's strategy, keys, record and token counts and one decoded example.
 
     Example: astrai data inspect sft.h5
     """
@@ -109,7 +111,7 @@ def inspect_cmd(
 
     summary = inspect_dataset(path, tokenizer)
     table = Table(title=str(path), show_header=False)
-    table.add_row("kind", summary.kind)
+    table.add_row("strategy", summary.kind)
     table.add_row("format version", str(summary.format_version))
     table.add_row("tokenizer", summary.tokenizer_fingerprint[:16] or "unknown")
     table.add_row("keys", ", ".join(summary.keys))

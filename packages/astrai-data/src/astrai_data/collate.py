@@ -69,7 +69,7 @@ _COLLATES: dict[str, Callable[..., Any]] = {
 
 
 def collate_fn_for(kind: str, pad_id: int = 0) -> Callable[[list[Item]], Any]:
-    """The collate function of a train type, bound to a pad id (a picklable partial)."""
+    """The collate function of a strategy, bound to a pad id (a picklable partial)."""
     if kind not in _COLLATES:
         raise ValueError(f"no collate function for '{kind}'; expected one of {', '.join(_COLLATES)}")
     return partial(_COLLATES[kind], pad_id=pad_id)

@@ -24,13 +24,13 @@ from astrai_serve.sampling import (
     TopKStrategy,
     TopPStrategy,
 )
-from astrai_serve.scheduler import InferenceScheduler
+from astrai_serve.scheduler import ContextLengthError, InferenceScheduler
 from astrai_serve.task import Task, TaskStatus
 
 __version__ = _version("astrai-serve")
 
 __all__ = [
-    "Allocator", "BaseSamplingStrategy", "GenerateResult", "GenerationRequest", "InferenceEngine",
+    "Allocator", "BaseSamplingStrategy", "ContextLengthError", "GenerateResult", "GenerationRequest", "InferenceEngine",
     "InferenceScheduler", "KVCache", "KvcacheView", "MinPStrategy", "PagePool", "PenaltyStrategy",
     "PrefixCache", "SamplingParams", "SamplingPipeline", "Storage", "Task", "TaskStatus",
     "TaskTable", "TemperatureStrategy", "TokenLogprob", "TopKStrategy", "TopPStrategy",

@@ -5,14 +5,20 @@ command runs, so `astrai --help` stays fast."""
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import typer
 
+from astrai_core.cli.aliases import aliased
+
 DEVICE_HELP = "cpu, cuda or cuda:N (default: cuda when available, else cpu)."
-DTYPE_HELP = "float32, bfloat16 or float16 (default: float32 on CPU, the stored dtype on GPU)."
+DTYPE_HELP = ("auto, float32, bfloat16 or float16 (auto: bfloat16 on a CPU with native bf16, "
+              "AVX512-BF16 or AMX; float32 on other CPUs; the stored dtype on GPU).")
+QUANTIZE_HELP = ("none or int8: int8 stores every linear layer's weights as 8-bit integers with "
+                 "one scale per row (a quarter of fp32's bytes: faster CPU decode, small logit "
+                 "error; see docs/benchmarks.md).")
 MODEL_HELP = ("Model folder with its tokenizer: from `astrai model init`, a training checkpoint, "
               "or a Hugging Face llama/qwen2/qwen3 folder.")
 
@@ -25,6 +31,8 @@ Examples:
   astrai serve runs/sft/final --port 9000 --api-key s3cret --max-batch-size 32
 
   astrai serve ~/models/Qwen3-0.6B --dtype bfloat16 --kv-cache-memory 8GiB
+
+  astrai serve runs/sft/final --quantize int8
 
 Binds to 127.0.0.1 unless --host says otherwise. SIGTERM or Ctrl-C stops accepting requests, lets those in flight finish (up to --shutdown-timeout seconds) and exits 0.
 """
@@ -53,7 +61,7 @@ Examples:
 
 
 def register(app: typer.Typer) -> None:
-    app.command("serve", help=SERVE_HELP)(serve_cmd)
+    app.command("serve", help=SERVE_HELP, cls=aliased({"--max-model-len": "--max-seq-len"}))(serve_cmd)
     app.command("generate", help=GENERATE_HELP)(generate_cmd)
     app.command("chat", help=CHAT_HELP)(chat_cmd)
 
@@ -64,11 +72,12 @@ def serve_cmd(
     port: int = typer.Option(8000, help="TCP port."),
     device: str | None = typer.Option(None, help=DEVICE_HELP),
     dtype: str | None = typer.Option(None, help=DTYPE_HELP),
+    quantize: str = typer.Option("none", help=QUANTIZE_HELP),
     max_batch_size: int = typer.Option(64, help="Sequences generated together at most."),
     kv_cache_tokens: int | None = typer.Option(None, help="KV cache size in tokens."),
     kv_cache_memory: str | None = typer.Option(
         None, help="KV cache size in memory, e.g. 2GiB (instead of --kv-cache-tokens)."),
-    max_model_len: int | None = typer.Option(
+    max_seq_len: int | None = typer.Option(
         None, help="Context window per request (default: the model's)."),
     api_key: str | None = typer.Option(
         None, envvar="ASTRAI_API_KEY",
@@ -80,6 +89,8 @@ def serve_cmd(
     shutdown_timeout: float = typer.Option(
         30.0, help="Seconds requests in flight may finish after SIGTERM before being aborted."),
     log_level: str = typer.Option("info", help="uvicorn log level."),
+    web: bool = typer.Option(True, "--web/--no-web",
+                             help="Serve the chat page at / (--no-web: the API alone)."),
 ) -> None:
     from astrai_serve.api import ServerConfig, create_app
     from astrai_serve.api.loader import check_model_dir, load_engine
@@ -87,9 +98,10 @@ def serve_cmd(
 
     check_model_dir(model_dir)  # a wrong folder fails now, not after the server started
     options = _engine_options(device, dtype, max_batch_size, kv_cache_tokens, kv_cache_memory,
-                              max_model_len)
+                              max_seq_len, quantize)
     name = served_model_name or model_dir.resolve().name
-    config = ServerConfig(served_model_name=name, api_key=api_key, max_waiting=max_waiting)
+    config = ServerConfig(served_model_name=name, api_key=api_key, max_waiting=max_waiting,
+                          web=web)
     _print_banner(name, model_dir, host, port, api_key is not None)
     serve(lambda on_fatal: create_app(lambda: load_engine(model_dir, options), config,
                                       on_load_error=on_fatal),
@@ -98,13 +110,13 @@ def serve_cmd(
 
 def _engine_options(device: str | None, dtype: str | None, max_batch_size: int,
                     kv_cache_tokens: int | None, kv_cache_memory: str | None,
-                    max_model_len: int | None) -> Any:
+                    max_seq_len: int | None, quantize: str = "none") -> Any:
     from astrai_serve.api.loader import EngineOptions, parse_size
 
     nbytes = parse_size(kv_cache_memory) if kv_cache_memory is not None else None
     return EngineOptions(device=device, dtype=dtype, max_batch_size=max_batch_size,
                          kv_cache_tokens=kv_cache_tokens, kv_cache_bytes=nbytes,
-                         max_model_len=max_model_len)
+                         max_seq_len=max_seq_len, quantize=quantize)
 
 
 def _print_banner(name: str, model_dir: Path, host: str, port: int, auth: bool) -> None:
@@ -135,13 +147,14 @@ def generate_cmd(
                                 help="Print text as it is generated."),
     device: str | None = typer.Option(None, help=DEVICE_HELP),
     dtype: str | None = typer.Option(None, help=DTYPE_HELP),
+    quantize: str = typer.Option("none", help=QUANTIZE_HELP),
 ) -> None:
     prompts = [*prompt, *_read_prompts(prompts_file)]
     if not prompts:
         raise ValueError("no prompt: give --prompt TEXT or --prompts-file FILE")
     sampling = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                     seed=seed)
-    with _load(model_dir, device, dtype, max_batch_size=max(len(prompts), 1)) as engine:
+    with _load(model_dir, device, dtype, max(len(prompts), 1), quantize) as engine:
         if stream:
             for i, text in enumerate(prompts):
                 _header(i, text, len(prompts))
@@ -160,12 +173,13 @@ def _read_prompts(path: Path | None) -> list[str]:
     return [line for line in text.splitlines() if line.strip()]
 
 
-def _load(model_dir: Path, device: str | None, dtype: str | None, max_batch_size: int) -> Any:
+def _load(model_dir: Path, device: str | None, dtype: str | None, max_batch_size: int,
+          quantize: str = "none") -> Any:
     from astrai_serve.api.loader import EngineOptions, load_engine
 
     typer.echo(f"loading {model_dir} ...", err=True)
     return load_engine(model_dir, EngineOptions(device=device, dtype=dtype,
-                                                max_batch_size=max_batch_size))
+                                                max_batch_size=max_batch_size, quantize=quantize))
 
 
 def _generate(engine: Any, text: str, chat: bool, stream: bool, sampling: dict[str, Any]) -> Any:
@@ -178,20 +192,7 @@ def _generate(engine: Any, text: str, chat: bool, stream: bool, sampling: dict[s
     else:
         ids = engine.tokenizer.encode(text)
     result = engine.submit(ids, SamplingParams(**sampling), text=True)
-    return _pieces(engine, result) if stream else result
-
-
-def _pieces(engine: Any, result: Any) -> Iterator[str]:
-    """Text pieces as they arrive; stopping early (Ctrl-C) aborts the request."""
-    try:
-        while not result.done:
-            result.wait_for_update(0.5)
-            yield from result.pop_all()
-        yield from result.pop_all()
-        result.wait_completion(0)
-    finally:
-        if not result.done:
-            engine.abort(result.request_id)
+    return engine.stream_text(result) if stream else result
 
 
 def _header(i: int, text: str, total: int) -> None:
@@ -221,10 +222,11 @@ def chat_cmd(
     seed: int | None = typer.Option(None, help="Same seed, same replies."),
     device: str | None = typer.Option(None, help=DEVICE_HELP),
     dtype: str | None = typer.Option(None, help=DTYPE_HELP),
+    quantize: str = typer.Option("none", help=QUANTIZE_HELP),
 ) -> None:
     sampling = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                     seed=seed)
-    with _load(model_dir, device, dtype, max_batch_size=1) as engine:
+    with _load(model_dir, device, dtype, 1, quantize) as engine:
         typer.echo(f"Chatting with {model_dir.resolve().name}. /reset clears the history, "
                    "/exit leaves.")
         ChatSession(engine, system, sampling).run()
@@ -272,7 +274,7 @@ class ChatSession:
         result = self.engine.submit(ids, SamplingParams(**self.sampling), text=True)
         sys.stdout.write("assistant> ")
         try:
-            reply = _print_stream(_pieces(self.engine, result))
+            reply = _print_stream(self.engine.stream_text(result))
         except KeyboardInterrupt:  # stop this reply, keep the session
             typer.echo("\n(interrupted)")
             reply = result.text

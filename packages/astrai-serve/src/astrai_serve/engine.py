@@ -4,7 +4,6 @@ streaming or async), plus a token-level batch API for online RL."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import itertools
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
@@ -18,6 +17,7 @@ from astrai_serve.sampling import SamplingParams
 from astrai_serve.scheduler import InferenceScheduler
 from astrai_serve.task import Task
 from astrai_serve.text_output import TextOutput
+from astrai_serve.watch import LoopWaker, WatchGroup
 
 DEFAULT_CPU_CACHE_BYTES = 1 << 30
 DEFAULT_STEP_TOKENS = 2048  # token budget per step: big GEMMs, yet a step stays well under a second
@@ -32,7 +32,7 @@ class InferenceEngine:
         tokenizer: an `AutoTokenizer`-like object; needed for text prompts, optional for
             `generate_ids`.
         max_batch_size: running requests at most (more wait in the queue).
-        max_seq_len: context window per request (default and upper bound: the model's max_len).
+        max_seq_len: context window per request (default and upper bound: the model's max_seq_len).
         page_size: tokens per KV page.
         kv_cache_tokens / kv_cache_bytes: KV cache size, by tokens or by memory (one of them;
             default 1 GiB on CPU, half the free memory on CUDA, never more than
@@ -63,9 +63,9 @@ class InferenceEngine:
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.default_max_tokens = default_max_tokens
-        model_len = model.config.max_len
+        model_len = model.config.max_seq_len
         if max_seq_len is not None and not 1 < max_seq_len <= model_len:
-            raise ValueError(f"max_seq_len must be in [2, {model_len}] (the model's max_len), "
+            raise ValueError(f"max_seq_len must be in [2, {model_len}] (the model's max_seq_len), "
                              f"got {max_seq_len}")
         self.max_seq_len = max_seq_len or model_len
         self.kvcache = self._build_cache(page_size, kv_cache_tokens, kv_cache_bytes, enable_prefix_cache)
@@ -154,10 +154,9 @@ class InferenceEngine:
     def _task(self, prompt_ids: Sequence[int], params: SamplingParams | None, text: bool) -> Task:
         params = params or SamplingParams(max_tokens=self.default_max_tokens)
         prompt = [int(t) for t in prompt_ids]
-        request_id = f"req-{next(self._ids)}"
-        result = GenerateResult(request_id, len(prompt))
-        return Task(request_id, prompt, params, result=result, text=self._text_output(params, text),
-                    stop_ids=self._stop_ids_for(params), generator=self._generator(params))
+        return Task(f"req-{next(self._ids)}", prompt, params, text=self._text_output(params, text),
+                    stop_ids=self._stop_ids_for(params), generator=self._generator(params),
+                    matcher=params.grammar.matcher() if params.grammar is not None else None)
 
     def abort(self, request_id: str) -> None:
         self.scheduler.remove_task(request_id)
@@ -170,15 +169,15 @@ class InferenceEngine:
         **options: Any,
     ) -> list[GenerateResult]:
         """Generate `n` samples per prompt and wait; results are grouped by prompt
-        (prompt 0's n samples first). With a seed, sample i uses seed + i. With n > 1 and the
+        (prompt 0's n samples first). With a seed, sample i uses seed + i
+        (`SamplingParams.for_sample`). With n > 1 and the
         prefix cache on, the other samples start once the first has computed the prompt, so they
         read it from the cache instead of computing it n times; otherwise every request enters
         at once, which makes seeded results reproducible run after run."""
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         base = params or SamplingParams(**{"max_tokens": self.default_max_tokens, **options})
-        samples = [dataclasses.replace(base, seed=None if base.seed is None else base.seed + i)
-                   for i in range(n)]
+        samples = [base.for_sample(i) for i in range(n)]
         if n == 1 or not self.kvcache.enable_prefix_cache:
             # All at once: the same requests run in the same steps every time.
             grouped = [(prompt, p) for prompt in prompts for p in samples]
@@ -208,7 +207,7 @@ class InferenceEngine:
         params = self._params(max_tokens, temperature, top_p, top_k, options)
         if isinstance(prompt, str):
             result = self.submit(self._encode(prompt), params, text=True)
-            return self._stream(result) if stream else result.wait_completion().text
+            return self.stream_text(result) if stream else result.wait_completion().text
         if stream:
             raise ValueError("stream=True takes one prompt; call generate once per prompt")
         results = [self.submit(self._encode(p), params, text=True) for p in prompt]
@@ -219,7 +218,7 @@ class InferenceEngine:
         ids = self._require_tokenizer().apply_chat_template(
             request.messages, add_generation_prompt=True, tokenize=True)
         result = self.submit(ids, request.sampling_params(self.default_max_tokens), text=True)
-        return self._stream(result) if request.stream else result.wait_completion().text
+        return self.stream_text(result) if request.stream else result.wait_completion().text
 
     async def generate_async(
         self,
@@ -230,27 +229,22 @@ class InferenceEngine:
         top_k: int = 0,
         **options: Any,
     ) -> AsyncIterator[str]:
-        """Stream text pieces into an asyncio loop; closing the generator aborts the request."""
+        """Stream text pieces into an asyncio loop (through the same `WatchGroup` as the HTTP
+        API); closing the generator aborts the request."""
         params = self._params(max_tokens, temperature, top_p, top_k, options)
-        loop, changed = asyncio.get_running_loop(), asyncio.Event()
-        result = self.submit(self._encode(prompt), params, text=True)
-        result.add_listener(lambda: loop.call_soon_threadsafe(changed.set))
+        group = WatchGroup(self, LoopWaker(asyncio.get_running_loop()))
         try:
-            while True:
-                for piece in result.pop_all():
-                    yield piece
-                if result.done:
-                    break
-                await changed.wait()
-                changed.clear()
-            for piece in result.pop_all():
-                yield piece
-            result.wait_completion(0)
+            watch = group.submit(self._encode(prompt), params)
+            async for _, delta in group.deltas():
+                if delta.text:
+                    yield delta.text
+            watch.result.wait_completion(0)  # raises if the engine failed
         finally:
-            if not result.done:
-                self.abort(result.request_id)
+            group.close()
 
-    def _stream(self, result: GenerateResult) -> Iterator[str]:
+    def stream_text(self, result: GenerateResult) -> Iterator[str]:
+        """The text pieces of a submitted request as they arrive (`submit(..., text=True)`);
+        closing the iterator early (the consumer is gone, Ctrl-C) aborts the request."""
         try:
             while True:
                 result.wait_for_update()

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from astrai_serve.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from astrai_serve.task import Task
 
 
 @dataclass
@@ -46,103 +48,145 @@ class TokenLogprob:
 
 
 class GenerateResult:
-    """One request's output. The engine's step loop fills it; any thread (or, through
-    `add_listener`, an asyncio loop) reads it. Finished means `finish_reason` is set."""
+    """One request as its caller sees it: a thread-safe, read-only view of its `Task`.
 
-    def __init__(self, request_id: str, prompt_tokens: int) -> None:
-        self.request_id = request_id
-        self.prompt_tokens = prompt_tokens
-        self.cached_tokens = 0
-        self.token_ids: list[int] = []
-        self.logprobs: list[TokenLogprob] = []
-        self.text = ""
-        self.finish_reason: str | None = None  # "stop", "length" or "abort"
-        self.error: BaseException | None = None
-        self.arrival_time = time.perf_counter()
-        self.first_token_time: float | None = None
-        self.finish_time: float | None = None
-        self._pieces: list[str] = []  # text not yet popped by a streaming reader
+    Who owns what. The `Task` owns every fact of the request: prompt and output token ids,
+    logprobs, text (through its `TextOutput`), cached tokens, arrival / first-token / finish
+    times, finish reason and error, all written by the step loop alone. This view stores none
+    of them; it adds only what readers need: a condition to wait on, listeners, and the
+    offset a streaming reader has popped up to.
+
+    Why this way round: the step loop needs prompt and output as one list (it feeds, hashes
+    and, after a preemption, recomputes them together), so the tokens must live in the Task.
+    A result holding its own copy cost an append under a lock per token and could disagree
+    with the Task; this view costs one `notify()` per token and cannot disagree.
+
+    Reading from another thread is safe without a lock: the step loop only appends to lists,
+    replaces immutable values, and sets `finish_reason` last, so once `done` is True
+    everything is in. `wait`, `wait_first_token` and `wait_for_update` block on the
+    condition that `notify()` signals.
+    """
+
+    def __init__(self, task: Task) -> None:
+        self._task = task
         self._cond = threading.Condition()
         self._listeners: list[Callable[[], None]] = []
+        self._popped = 0  # characters of `text` already handed out by `pop_all`
 
     def __repr__(self) -> str:
         return (f"GenerateResult({self.request_id!r}, finish_reason={self.finish_reason!r}, "
                 f"prompt={self.prompt_tokens}, cached={self.cached_tokens}, "
                 f"generated={self.generated_tokens}, text={self.text[:40]!r})")
 
+    # -- the task's facts, read through ------------------------------------------------------
+    @property
+    def request_id(self) -> str:
+        return self._task.task_id
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self._task.input_tokens
+
+    @property
+    def cached_tokens(self) -> int:
+        """Prompt tokens served by the prefix cache when the request was first admitted."""
+        return self._task.cached_tokens
+
     @property
     def generated_tokens(self) -> int:
-        return len(self.token_ids)
+        return self._task.output_tokens
+
+    @property
+    def token_ids(self) -> list[int]:
+        """The generated token ids (a copy; see `token_ids_since` to read only new ones)."""
+        return self.token_ids_since(0)
+
+    def token_ids_since(self, start: int) -> list[int]:
+        """Generated token ids from the `start`-th on."""
+        task = self._task
+        return task.token_ids[len(task.prompt_ids) + start :]
+
+    @property
+    def logprobs(self) -> list[TokenLogprob]:
+        """One entry per generated token when logprobs were asked for (a copy)."""
+        return self.logprobs_since(0)
+
+    def logprobs_since(self, start: int) -> list[TokenLogprob]:
+        return self._task.logprobs[start:]
+
+    @property
+    def text(self) -> str:
+        """The text so far ("" unless text was asked for): never retracted, stop string cut."""
+        out = self._task.text
+        return out.released() if out is not None else ""
+
+    @property
+    def finish_reason(self) -> str | None:
+        """ "stop", "length" or "abort"; None while running."""
+        return self._task.finish_reason
+
+    @property
+    def error(self) -> BaseException | None:
+        """What killed the engine, if it died during this request."""
+        return self._task.error
+
+    @property
+    def arrival_time(self) -> float:
+        return self._task.arrival_time
+
+    @property
+    def first_token_time(self) -> float | None:
+        return self._task.first_token_time
+
+    @property
+    def finish_time(self) -> float | None:
+        return self._task.finish_time
 
     @property
     def done(self) -> bool:
-        return self.finish_reason is not None
+        return self._task.finish_reason is not None
 
-    # -- written by the step loop ---------------------------------------------------------
-    def append(self, token_id: int, piece: str = "", logprob: TokenLogprob | None = None) -> None:
+    # -- signalled by the step loop ----------------------------------------------------------
+    def notify(self) -> None:
+        """The task changed: wake waiting threads and call the listeners (step-loop thread)."""
         with self._cond:
-            if self.first_token_time is None:
-                self.first_token_time = time.perf_counter()
-            self.token_ids.append(token_id)
-            if logprob is not None:
-                self.logprobs.append(logprob)
-            self._add_text(piece)
-            if len(self.token_ids) == 1:
-                self._cond.notify_all()
-        self._notify()
-
-    def finish(self, reason: str, cached_tokens: int, piece: str = "") -> None:
-        with self._cond:
-            self.cached_tokens = cached_tokens
-            self._add_text(piece)
-            self.finish_reason = reason
-            self.finish_time = time.perf_counter()
             self._cond.notify_all()
-        self._notify()
-
-    def fail(self, error: BaseException) -> None:
-        with self._cond:
-            self.error = error
-            self.finish_reason = "abort"
-            self._cond.notify_all()
-        self._notify()
-
-    def _add_text(self, piece: str) -> None:
-        if piece:
-            self.text += piece
-            self._pieces.append(piece)
-            self._cond.notify_all()
-
-    def _notify(self) -> None:
-        for listener in list(self._listeners):
+        for listener in self._listeners:
             listener()
 
     # -- read by callers ---------------------------------------------------------------------
     def add_listener(self, callback: Callable[[], None]) -> None:
         """Call `callback` (from the step loop's thread) after every change."""
-        self._listeners.append(callback)
+        self._listeners = [*self._listeners, callback]  # a new list: notify() may be iterating
 
     def pop_all(self) -> list[str]:
-        """Text pieces that arrived since the last call."""
+        """The text that arrived since the last call, as one piece ([] if none)."""
+        out = self._task.text
+        if out is None:
+            return []
         with self._cond:
-            pieces, self._pieces = self._pieces, []
-            return pieces
+            piece = out.released(self._popped)
+            self._popped += len(piece)
+        return [piece] if piece else []
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until finished; False on timeout."""
         with self._cond:
-            return self._cond.wait_for(lambda: self.finish_reason is not None, timeout)
+            return self._cond.wait_for(lambda: self.done, timeout)
 
     def wait_first_token(self, timeout: float | None = None) -> bool:
         """Block until a token arrives or the request finishes; False on timeout."""
         with self._cond:
-            return self._cond.wait_for(lambda: bool(self.token_ids) or self.finish_reason is not None,
-                                       timeout)
+            return self._cond.wait_for(lambda: self.generated_tokens > 0 or self.done, timeout)
 
     def wait_for_update(self, timeout: float | None = None) -> None:
         """Block until new text arrives or the request finishes."""
         with self._cond:
-            self._cond.wait_for(lambda: bool(self._pieces) or self.finish_reason is not None, timeout)
+            self._cond.wait_for(lambda: self._unpopped() or self.done, timeout)
+
+    def _unpopped(self) -> bool:
+        out = self._task.text
+        return out is not None and out.n_released > self._popped
 
     def wait_completion(self, timeout: float | None = None) -> GenerateResult:
         """Block until finished and return self; re-raises the engine's error if it failed."""
@@ -153,4 +197,5 @@ class GenerateResult:
         return self
 
     def get_results(self) -> str:
+        """The output text (the seed's name for `text`)."""
         return self.text

@@ -11,14 +11,39 @@ shares the batch.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
+import numpy as np
 import torch
 
 NEG_INF = float("-inf")
+
+
+class TokenMatcher(Protocol):
+    """One request's state in a grammar (astrai_serve.constrained.GrammarMatcher): which tokens
+    may come next, advanced by the scheduler with each token the request accepts."""
+
+    def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
+        """Set bit t of int32 word t // 32 of `bitmask[row]` iff token t may come next. (A
+        matcher class may also offer `fill_bitmasks(matchers, bitmask)`, filling rows
+        0..len - 1 at once; the mask step then calls that.)"""
+
+    def accept(self, token_id: int) -> None: ...
+
+    @property
+    def done(self) -> bool:
+        """Nothing but a stop token could follow: the request is complete."""
+
+
+class GrammarSpec(Protocol):
+    """A compiled grammar (astrai_serve.constrained.Grammar): a fresh matcher per request."""
+
+    def matcher(self) -> TokenMatcher: ...
 
 
 @dataclass
@@ -38,6 +63,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)  # extra stop tokens
     ignore_eos: bool = False  # keep going past the tokenizer's end-of-sequence tokens
     logprobs: int | None = None  # None: none; 0: the chosen token's; N: plus the top N
+    grammar: GrammarSpec | None = None  # constrain the output to this grammar (JSON schema, ...)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -63,6 +89,14 @@ class SamplingParams:
         for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty"):
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
+
+    def for_sample(self, i: int) -> SamplingParams:
+        """The params of sample `i` of an n-sample request. The one rule for seeds: sample i
+        of a request with seed s uses seed s + i, so the n samples differ from each other
+        and each is reproducible (and sample 0 equals the same request with n = 1)."""
+        if self.seed is None or i == 0:
+            return self
+        return dataclasses.replace(self, seed=self.seed + i)
 
     @property
     def greedy(self) -> bool:
@@ -130,6 +164,31 @@ class MinPStrategy(BaseSamplingStrategy):
         return logits.masked_fill(probs < floor, filter_value)
 
 
+class TokenMaskStrategy(BaseSamplingStrategy):
+    """Grammar-constrained rows keep only the tokens their matcher allows next; free rows pass
+    untouched (and a batch without constrained rows never builds this step)."""
+
+    def __init__(self, matchers: Sequence[TokenMatcher | None]) -> None:
+        self.rows = [i for i, m in enumerate(matchers) if m is not None]
+        self.matchers = [m for m in matchers if m is not None]
+
+    def apply(self, logits: torch.Tensor, filter_value: float = NEG_INF) -> torch.Tensor:
+        V = logits.shape[-1]
+        bitmask = torch.zeros(len(self.rows), (V + 31) // 32, dtype=torch.int32)
+        kinds = {type(m) for m in self.matchers}
+        fill_all = getattr(kinds.pop(), "fill_bitmasks", None) if len(kinds) == 1 else None
+        if fill_all is not None:  # one kind of matcher that fills all its rows at once
+            fill_all(self.matchers, bitmask)
+        else:
+            for j, matcher in enumerate(self.matchers):
+                matcher.fill_bitmask(bitmask, j)
+        bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=-1, bitorder="little")
+        allowed = torch.from_numpy(bits[:, :V]).to(logits.device, torch.bool)  # (R, V)
+        index = torch.tensor(self.rows, device=logits.device)
+        masked = logits.index_select(0, index).masked_fill(~allowed, filter_value)
+        return logits.index_copy(0, index, masked)
+
+
 class PenaltyStrategy(BaseSamplingStrategy):
     """Repetition penalty (Hugging Face's: over prompt and output, divide positive logits and
     multiply negative ones) and presence / frequency penalties (OpenAI's: over the output)."""
@@ -175,9 +234,13 @@ class SamplingPipeline:
         params: Sequence[SamplingParams],
         prompts: Sequence[Sequence[int]] = (),
         outputs: Sequence[Sequence[int]] = (),
+        matchers: Sequence[TokenMatcher | None] = (),
     ) -> SamplingPipeline:
-        """Only the strategies some row needs; `prompts`/`outputs` feed the penalties."""
+        """Only the strategies some row needs; `prompts`/`outputs` feed the penalties and
+        `matchers` (one per row, None for a free row) the grammar mask, which comes first."""
         strategies: list[BaseSamplingStrategy] = []
+        if any(m is not None for m in matchers):
+            strategies.append(TokenMaskStrategy(matchers))
         if any(p.needs_penalties for p in params):
             strategies.append(PenaltyStrategy(params, prompts, outputs))
         sampled = [p for p in params if not p.greedy]
@@ -204,8 +267,10 @@ class SamplingPipeline:
     ) -> torch.Tensor:
         """(B, V) logits -> (B,) token ids."""
         logits = logits.float()
-        penalties = [s for s in self.strategies if isinstance(s, PenaltyStrategy)]
-        shaping = [s for s in self.strategies if not isinstance(s, PenaltyStrategy)]
+        # The grammar mask and penalties apply to greedy rows too; the rest shape the draw.
+        first = (TokenMaskStrategy, PenaltyStrategy)
+        penalties = [s for s in self.strategies if isinstance(s, first)]
+        shaping = [s for s in self.strategies if not isinstance(s, first)]
         for strategy in penalties:
             logits = strategy.apply(logits, filter_value)
         greedy = self.greedy or [False] * logits.shape[0]

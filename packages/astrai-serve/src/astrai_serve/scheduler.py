@@ -27,7 +27,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -40,6 +40,10 @@ from astrai_serve.request import TokenLogprob
 from astrai_serve.sampling import SamplingPipeline, compute_logprobs
 from astrai_serve.stats import EngineStats
 from astrai_serve.task import Task, TaskStatus
+
+
+class ContextLengthError(ValueError):
+    """A prompt that fills the context window, leaving no room to generate."""
 
 
 class InferenceScheduler:
@@ -58,7 +62,7 @@ class InferenceScheduler:
         self.page_cache = kvcache
         self.max_batch_size = max_batch_size
         self.max_num_tokens = max_num_tokens
-        model_len = getattr(getattr(model, "config", None), "max_len", None) or 1 << 30
+        model_len = getattr(getattr(model, "config", None), "max_seq_len", None) or 1 << 30
         self.max_seq_len = min(max_seq_len or model_len, model_len, kvcache.capacity_tokens)
         self.waiting_queue: deque[Task] = deque()
         self.active_tasks: list[Task] = []  # running, in admission order
@@ -74,6 +78,18 @@ class InferenceScheduler:
     @property
     def healthy(self) -> bool:
         return self.error is None
+
+    def check_prompt(self, prompt_ids: Sequence[int]) -> None:
+        """Refuse a prompt that cannot be served: `ValueError` if empty, `ContextLengthError`
+        if it leaves no room in the context window to generate a token."""
+        n = len(prompt_ids)
+        if n == 0:
+            raise ValueError("the prompt is empty; give at least one token")
+        if n >= self.max_seq_len:
+            raise ContextLengthError(
+                f"the prompt has {n} tokens but the context window is {self.max_seq_len} tokens "
+                "(the least of the model's max_seq_len, the engine's max_seq_len and the KV "
+                "cache size), leaving no room to generate; shorten the prompt")
 
     def add_task(self, task: Task) -> str:
         self._check_fits(task)
@@ -205,22 +221,21 @@ class InferenceScheduler:
 
     def _sample(self, tasks: list[Task], logits: torch.Tensor) -> tuple[list[int], list[Any]]:
         params = [t.params for t in tasks]
-        pipeline = SamplingPipeline.from_params(
-            params, [t.prompt_ids for t in tasks], [t.output_ids for t in tasks])
+        prompts: list[list[int]] = []
+        outputs: list[list[int]] = []
+        if any(p.needs_penalties for p in params):  # copying every output each step is O(length)
+            prompts, outputs = [t.prompt_ids for t in tasks], [t.output_ids for t in tasks]
+        constrained = any(t.matcher is not None for t in tasks)
+        matchers = [t.matcher for t in tasks] if constrained else ()
+        pipeline = SamplingPipeline.from_params(params, prompts, outputs, matchers)
         chosen = pipeline.sample(logits, [t.generator for t in tasks])
         logprobs = compute_logprobs(logits, chosen, [p.logprobs for p in params])
         return chosen.tolist(), logprobs
 
     def _append(self, task: Task, token_id: int, logprob: Any) -> str | None:
-        if task.first_token_time is None:
-            task.first_token_time = time.perf_counter()
-        task.token_ids.append(token_id)
-        piece = ""
-        if task.text is not None and token_id not in task.stop_ids:
-            piece = task.text.push(token_id)
-        if task.result is not None:
-            lp = TokenLogprob(token_id, logprob[0], logprob[1]) if logprob is not None else None
-            task.result.append(token_id, piece, lp)
+        if task.matcher is not None:  # grammar-constrained: the grammar moves past the token
+            task.matcher.accept(token_id)
+        task.append(token_id, TokenLogprob(token_id, *logprob) if logprob is not None else None)
         return task.is_finished(token_id)
 
     def _finish(self, task: Task, reason: str, status: TaskStatus) -> None:
@@ -229,12 +244,8 @@ class InferenceScheduler:
             self.page_cache.task_free(task.task_id)
         elif task in self.waiting_queue:
             self.waiting_queue.remove(task)
-        task.status, task.finish_reason = status, reason
-        task.finish_time = time.perf_counter()
-        piece = task.text.finish() if task.text is not None else ""
+        task.finish(reason, status)
         self.stats.record_finish(task)
-        if task.result is not None:
-            task.result.finish(reason, task.cached_tokens, piece)
 
     # -- inbox and loop ---------------------------------------------------------------------
     def _post(self, kind: str, payload: Any) -> None:
@@ -296,24 +307,15 @@ class InferenceScheduler:
         self.waiting_queue.clear()
         self.active_tasks.clear()
         for task in tasks:
-            task.status = TaskStatus.ABORTED
-            if task.result is not None:
-                task.result.fail(exc)
+            task.fail(exc)
         for kind, payload in items:
             if kind == "call":
                 payload[2].append(RuntimeError(f"the engine died: {exc!r}"))
                 payload[1].set()
 
     def _check_fits(self, task: Task) -> None:
-        n = len(task.prompt_ids)
-        if n == 0:
-            raise ValueError("the prompt is empty; give at least one token")
-        if n >= self.max_seq_len:
-            raise ValueError(
-                f"the prompt has {n} tokens but the context window is {self.max_seq_len} tokens "
-                "(model max_len, max_seq_len and KV cache size), leaving no room to generate; "
-                "shorten the prompt")
-        task.max_len = min(task.max_len, self.max_seq_len)
+        self.check_prompt(task.prompt_ids)
+        task.max_seq_len = min(task.max_seq_len, self.max_seq_len)
 
     def get_stats(self) -> dict[str, Any]:
         pages = self.page_cache.page_counts()

@@ -24,6 +24,18 @@ class TextOutput:
         self._searched = 0  # stop strings cannot start before this offset
         self.stopped = False
 
+    @property
+    def n_released(self) -> int:
+        """Characters of `text` handed out so far (they are final)."""
+        return self._sent
+
+    def released(self, start: int = 0) -> str:
+        """The text handed out so far, from character `start` on. Safe to call from another
+        thread while the step loop writes: `_sent` is read first, and `text` only ever changes
+        beyond that offset."""
+        sent = self._sent
+        return self.text[start:sent]
+
     def push(self, token_id: int) -> str:
         """Add one token; returns the text that is now safe to emit."""
         self.text += self._decoder.step(token_id)

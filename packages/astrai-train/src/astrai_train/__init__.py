@@ -3,6 +3,7 @@ checkpoint/resume."""
 
 from importlib.metadata import version as _version
 
+from astrai_train.builder import TrainContextBuilder
 from astrai_train.callbacks import (
     CallbackFactory,
     CheckpointCallback,
@@ -13,7 +14,7 @@ from astrai_train.callbacks import (
     TrainCallback,
 )
 from astrai_train.config import TrainConfig
-from astrai_train.context import TrainContext, TrainContextBuilder
+from astrai_train.context import TrainContext
 from astrai_train.parallel import (
     ColumnParallelLinear,
     DistributedWorkerError,

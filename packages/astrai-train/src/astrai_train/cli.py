@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from astrai_core.cli.aliases import aliased
 from astrai_train.config import TrainConfig
 from astrai_train.launch import (
     LaunchOptions,
@@ -25,7 +26,6 @@ from astrai_train.launch import (
     estimate_run,
     locate_checkpoint,
     merge_options,
-    option_name,
     write_launch,
 )
 from astrai_train.parallel.launch import RunSummary, train_spawned
@@ -44,8 +44,11 @@ from astrai_train.trainer import NonFiniteLossError, Trainer
 
 console = Console()
 err_console = Console(stderr=True)
+# Exit status of a run stopped by SIGTERM or Ctrl-C after its checkpoint: sysexits' EX_TEMPFAIL
+# ("try again later"), so a job scheduler can tell it from success (0) and failure (1) and requeue.
+EXIT_STOPPED = 75
 
-HELP = """Train a model with the seq, sft, dpo or grpo strategy.
+HELP = """Train a model with the seq, sft, dpo, grpo or distill strategy.
 
 Examples:
 
@@ -53,7 +56,15 @@ Examples:
 
   astrai train --strategy sft --data chat.h5 --out runs/sft --model runs/pt/step_00001000
 
+  astrai train --strategy sft --data chat.h5 --out runs/sft-lora --model runs/pt/final --lora-rank 8   (LoRA: checkpoints are PEFT adapters)
+
+  astrai train --strategy distill --teacher runs/big/final --data corpus.h5 --out runs/kd --preset tiny --tokenizer tok/
+
+  astrai train --strategy sft --data chat.h5 --out runs/sft --model runs/pt/final --batch-size 32 --fit-memory auto
+
   astrai train --out runs/pt --resume   (continue from the latest checkpoint, same options)
+
+A run stopped by SIGTERM or Ctrl-C saves a checkpoint and exits with status 75, so a job scheduler can requeue it; `--resume` continues it. A corrupt newest checkpoint is moved aside (step_X.corrupt) and the newest intact one is resumed.
 
 Options come from --config FILE.toml (keys are the option names with underscores) and the flags; flags win. With --resume, options not given again are those of the run resumed.
 """
@@ -62,7 +73,7 @@ RUN_PARAMS: list[tuple[str, Any, Any]] = [
     ("data", Path | None, typer.Option(None, "--data", help="Dataset file (.h5 or .json) of the strategy's kind.", rich_help_panel="Run")),
     ("model", Path | None, typer.Option(None, "--model", help="Model folder to start from.", rich_help_panel="Run")),
     ("preset", str | None, typer.Option(None, "--preset", help="Start from random weights of this shape (tiny, small, 1b...); needs --tokenizer.", rich_help_panel="Run")),
-    ("window_size", int | None, typer.Option(None, "--window-size", help="Tokens per sample (seq/sft default: the model's max_len; dpo/grpo: cap).", rich_help_panel="Run")),
+    ("max_seq_len", int | None, typer.Option(None, "--max-seq-len", help="Tokens per sample (seq/sft default: the model's max_seq_len; dpo/grpo: cap).", rich_help_panel="Run")),
     ("stride", int | None, typer.Option(None, "--stride", help="Tokens between window starts (seq/sft; default: window size).", rich_help_panel="Run")),
     ("config", Path | None, typer.Option(None, "--config", help="TOML file of options; flags win over it.", rich_help_panel="Run")),
     ("resume", bool, typer.Option(False, "--resume", help="Continue from the latest checkpoint in --out.", rich_help_panel="Run")),
@@ -80,7 +91,7 @@ def config_parameters() -> list[inspect.Parameter]:
     hints = typing.get_type_hints(TrainConfig)
     params = []
     for f in TrainConfig.value_fields():
-        name = option_name(f)
+        name = f.name
         flag = "--" + name.replace("_", "-")
         base = _base_type(hints[f.name])
         if f.name == "extra_kwargs":
@@ -120,11 +131,16 @@ def start_table(config: TrainConfig, estimate: RunEstimate) -> Table:
     table.add_row("steps", steps)
     table.add_row("estimated time", _duration(estimate.seconds))
     table.add_row("samples per step",
-                  f"{config.batch_size} x {config.accumulation_steps} accumulation")
+                  f"{config.batch_size} x {config.accumulation_steps} accumulation"
+                  + (f" (--fit-memory {config.fit_memory} chooses the split)"
+                     if config.fit_memory else ""))
+    if config.lora_rank is not None:
+        alpha = config.lora_alpha if config.lora_alpha is not None else 2 * config.lora_rank
+        table.add_row("LoRA", f"rank {config.lora_rank}, alpha {alpha:g} on {config.lora_targets}")
     if config.nprocs > 1 or get_world_size() > 1:
         world = max(config.nprocs, get_world_size())
         table.add_row("processes", f"{world} ({config.parallel}; batch and tokens are per process)")
-    table.add_row("output", config.ckpt_dir)
+    table.add_row("output", config.out)
     return table
 
 
@@ -143,7 +159,8 @@ def train_command(**options: Any) -> None:
     torchrun = in_torchrun()  # torchrun started this process: join its process group
     if torchrun:
         values = TrainConfig.from_dict(opts.values)
-        setup_from_env(values.backend, values.device_type, values.dist_timeout_s)
+        setup_from_env(values.backend, values.device, values.dist_timeout_s)
+    main = get_rank() == 0  # now: the process group is gone after cleanup_parallel
     try:
         summary = _train(opts, torchrun)
     except (NonFiniteLossError, DistributedWorkerError) as exc:
@@ -165,18 +182,25 @@ def train_command(**options: Any) -> None:
         return
     where = summary.last_checkpoint or "no checkpoint"
     if summary.stop_requested:
-        console.print(f"stopped by {summary.stop_requested} after step {summary.iteration}; "
-                      f"saved {where}. Continue with: astrai train --out {opts.out} --resume")
-    else:
+        if main:
+            console.print(f"stopped by {summary.stop_requested} after step {summary.iteration}; "
+                          f"saved {where}. Continue with: astrai train --out {opts.out} --resume")
+        # Not 0 (a scheduler must not take it for a finished run) nor 1 (it did not fail).
+        raise typer.Exit(EXIT_STOPPED)
+    if main:
         console.print(f"done: {summary.iteration} steps, final loss {summary.loss:.4f}; saved {where}")
 
 
 def _train(opts: LaunchOptions, torchrun: bool) -> RunSummary | None:
-    """Train in this process, or in `--nprocs` spawned ones; -> rank 0's summary (else None)."""
-    checkpoint = locate_checkpoint(opts)
+    """Train in this process, or in `--nprocs` spawned ones; -> this process's summary (rank 0's
+    for spawned runs)."""
+    notes: list[str] = []
+    checkpoint = locate_checkpoint(opts, notes)
     config = build_config(opts)
     main = get_rank() == 0
     if main:
+        for note in notes:
+            err_console.print(f"[yellow]warning:[/] {escape(note)}", highlight=False)
         write_launch(opts, config)
         console.print(start_table(config, estimate_run(config, checkpoint)))
     if config.nprocs > 1 and not torchrun:
@@ -186,8 +210,7 @@ def _train(opts: LaunchOptions, torchrun: bool) -> RunSummary | None:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # the estimate's model leaves GPU 0 to the workers
         return train_spawned(opts, values, where)
-    context = Trainer(config).train(checkpoint)
-    return RunSummary.of(context) if main else None
+    return RunSummary.of(Trainer(config).train(checkpoint))
 
 
 def _command() -> Any:
@@ -203,5 +226,14 @@ def _command() -> Any:
     return train
 
 
+# Flags of the previous release (hidden; they print a deprecation line).
+DEPRECATED_FLAGS = {
+    "--random-seed": "--seed", "--progress-bar": "--progress", "--no-progress-bar": "--no-progress",
+    "--device-type": "--device", "--precision": "--dtype", "--window-size": "--max-seq-len",
+    "--grpo-max-new-tokens": "--rollout-max-tokens", "--grpo-temperature": "--rollout-temperature",
+    "--grpo-top-p": "--rollout-top-p",
+}
+
+
 def register(app: typer.Typer) -> None:
-    app.command("train", help=HELP, no_args_is_help=True)(_command())
+    app.command("train", help=HELP, no_args_is_help=True, cls=aliased(DEPRECATED_FLAGS))(_command())

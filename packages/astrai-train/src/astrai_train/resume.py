@@ -12,12 +12,20 @@ from __future__ import annotations
 import re
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
-from astrai_core import Checkpoint
+from astrai_core import Checkpoint, LoRAAdapter
+from astrai_core.model.lora import (
+    base_checksum,
+    has_lora,
+    is_lora_parameter,
+    load_lora_state_dict,
+    lora_config_of,
+)
+from astrai_train.context import TrainContext
 from astrai_train.parallel.wrap import (
     full_optimizer_state_dict,
     is_fsdp,
@@ -25,9 +33,6 @@ from astrai_train.parallel.wrap import (
 )
 from astrai_train.rng import capture_rng_state, restore_rng_state
 from astrai_train.strategies import BaseStrategy
-
-if TYPE_CHECKING:
-    from astrai_train.context import TrainContext
 
 STEP_DIR = re.compile(r"^step_(\d{8,})$")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -53,21 +58,40 @@ def find_latest_checkpoint(folder: str | Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+CORRUPT_SUFFIX = ".corrupt"
+
+
+def load_latest_intact(folder: str | Path) -> tuple[Checkpoint | None, list[str]]:
+    """The newest checkpoint in `folder` that loads, and one line per newer one that did not.
+
+    A checkpoint that fails to load (truncated weights, unreadable state) is renamed to
+    `step_X.corrupt` rather than deleted: nothing of the user's is lost, and it no longer counts
+    as the latest (nor among the `keep_last` newest). None when there is no checkpoint; an error
+    naming each failure when none loads."""
+    notes: list[str] = []
+    found = list_checkpoints(folder)
+    for step, path in reversed(found):
+        try:
+            checkpoint = Checkpoint.load(path)
+        except (ValueError, KeyError, TypeError, OSError) as exc:
+            aside = path.with_name(path.name + CORRUPT_SUFFIX)
+            path.rename(aside)
+            notes.append(f"checkpoint {path.name} is unreadable ({exc}); moved it to {aside.name}")
+            continue
+        if notes:
+            notes.append(f"resuming from {path.name}, the newest intact checkpoint (step {step})")
+        return checkpoint, notes
+    if found:
+        raise ValueError(f"no checkpoint in {folder} can be read: {'; '.join(notes)}; start a new "
+                         "run (drop --resume and choose another --out)")
+    return None, notes
+
+
 def prune_checkpoints(folder: str | Path, keep_last: int) -> None:
     """Delete all but the newest `keep_last` checkpoints (0 keeps all)."""
     if keep_last > 0:
         for _, path in list_checkpoints(folder)[:-keep_last]:
             shutil.rmtree(path, ignore_errors=True)
-
-
-def remove_stale_temp_dirs(folder: str | Path) -> None:
-    """Leftovers of a killed run: Checkpoint writes `.step_X.tmp-*` and renames it into place,
-    moving a folder it replaces to `.step_X.old-*` first."""
-    root = Path(folder)
-    if root.is_dir():
-        for pattern in (".step_*.tmp-*", ".step_*.old-*"):
-            for path in root.glob(pattern):
-                shutil.rmtree(path, ignore_errors=True)
 
 
 def tokenizer_files(folder: str | Path | None) -> dict[str, Path]:
@@ -100,6 +124,12 @@ def build_checkpoint(ctx: TrainContext) -> Checkpoint | None:
     trainer = {"iteration": ctx.iteration, "epoch": ctx.epoch, "tokens_seen": ctx.tokens_seen,
                "samples_seen": ctx.samples_seen, "reference_checksum": ctx.reference_checksum,
                "config": ctx.config.to_dict()}
+    adapter = None
+    if has_lora(ctx.raw_model):  # the adapter alone: the frozen base stays where it came from
+        adapter = LoRAAdapter(lora_config_of(ctx.raw_model),
+                              {k: v for k, v in weights.items() if is_lora_parameter(k)})
+        weights = {}
+        trainer["lora_base_checksum"] = base_checksum(ctx.raw_model)
     states: dict[str, Any] = {
         "optimizer": optimizer,
         "scheduler": ctx.scheduler.state_dict() if ctx.scheduler is not None else {},
@@ -108,11 +138,29 @@ def build_checkpoint(ctx: TrainContext) -> Checkpoint | None:
         "trainer": trainer,
     }
     return Checkpoint(weights, epoch=ctx.epoch, iteration=ctx.iteration,
-                      config=getattr(ctx.raw_model, "config", None), states=states,
-                      files=tokenizer_files(ctx.config.tokenizer_dir))
+                      config=None if adapter else getattr(ctx.raw_model, "config", None),
+                      states=states, files=tokenizer_files(ctx.config.tokenizer), adapter=adapter)
 
 
 def load_model_state(model: nn.Module, checkpoint: Checkpoint) -> None:
+    lora = has_lora(model)
+    if (checkpoint.adapter is not None) != lora:
+        raise ValueError(
+            "the checkpoint holds a LoRA adapter but this run trains the whole model; resume "
+            "with the run's --lora-rank (and --model: its base)" if not lora else
+            "this run trains LoRA adapters but the checkpoint holds full weights; resume it "
+            "without --lora-rank, or start a LoRA run from it with --model CKPT")
+    if lora:
+        want, have = checkpoint.adapter.config, lora_config_of(model)
+        if (want.rank, want.resolved_alpha, set(want.targets)) != (
+                have.rank, have.resolved_alpha, set(have.targets)):
+            raise ValueError(f"the checkpoint's adapter (rank {want.rank}, alpha "
+                             f"{want.resolved_alpha:g}, {','.join(sorted(want.targets))}) differs "
+                             f"from this run's (rank {have.rank}, alpha {have.resolved_alpha:g}, "
+                             f"{','.join(sorted(have.targets))}); resume with the same --lora-* "
+                             "options")
+        load_lora_state_dict(model, checkpoint.adapter.state)
+        return
     try:
         model.load_state_dict(checkpoint.state_dict, strict=True)
     except RuntimeError as exc:
@@ -159,6 +207,10 @@ def _check_compatible(ctx: TrainContext, trainer: dict[str, Any]) -> None:
     if saved.get("strategy", ctx.config.strategy) != ctx.config.strategy:
         raise ValueError(f"the checkpoint was written by a '{saved['strategy']}' run; resume it "
                          f"with --strategy {saved['strategy']} or start a new run in another --out")
+    base = trainer.get("lora_base_checksum")
+    if base is not None and base != base_checksum(ctx.raw_model):
+        raise ValueError("the base model differs from the one this LoRA run trained on; resume "
+                         "with the same --model (the checkpoint holds only the adapter)")
     want, have = trainer.get("reference_checksum"), ctx.reference_checksum
     if want is not None and have is not None and want != have:
         raise ValueError("the reference model differs from the one this run started with; "

@@ -17,9 +17,10 @@ import torch
 from torch.nn.utils import get_total_norm
 
 from astrai_core import Checkpoint
+from astrai_train.builder import TrainContextBuilder
 from astrai_train.callbacks import CallbackFactory, TrainCallback
 from astrai_train.config import TrainConfig
-from astrai_train.context import TrainContext, TrainContextBuilder
+from astrai_train.context import TrainContext
 from astrai_train.parallel.wrap import all_reduce_sum, full_tensor, gradient_sync
 from astrai_train.strategies.base import Batch, count_tokens
 
@@ -101,16 +102,21 @@ class Trainer:
 
     def _get_default_callbacks(self) -> list[TrainCallback]:
         cfg = self.train_config
-        log_dir = cfg.log_dir if cfg.log_dir is not None else Path(cfg.ckpt_dir) / "logs"
+        log_dir = cfg.log_dir if cfg.log_dir is not None else Path(cfg.out) / "logs"
         callbacks = [
             CallbackFactory.create("gradient_clipping", max_grad_norm=cfg.max_grad_norm),
             CallbackFactory.create("scheduler"),
             CallbackFactory.create("metric_logger", log_dir=log_dir, save_interval=cfg.log_interval),
-            CallbackFactory.create("checkpoint", save_dir=cfg.ckpt_dir, interval=cfg.ckpt_interval,
+            CallbackFactory.create("checkpoint", save_dir=cfg.out, interval=cfg.ckpt_interval,
                                    keep_last=cfg.keep_last),
         ]
-        if cfg.progress_bar:
-            callbacks.append(CallbackFactory.create("progress_bar", num_epoch=cfg.n_epoch))
+        if cfg.eval_every:  # after the checkpoint: a step's checkpoint exists before its eval
+            callbacks.append(CallbackFactory.create(
+                "evaluation", tasks=cfg.eval_tasks or "", every=cfg.eval_every, log_dir=log_dir,
+                tokenizer=cfg.tokenizer, parallel=cfg.parallel, seed=cfg.seed))
+        if cfg.progress:
+            callbacks.append(CallbackFactory.create("progress_bar", num_epoch=cfg.n_epoch,
+                                                    description=cfg.strategy))
         return callbacks
 
     # -- the loop ----------------------------------------------------------------------------
@@ -118,7 +124,7 @@ class Trainer:
         cfg = ctx.config
         while ctx.epoch < cfg.n_epoch and not self._should_stop(ctx):
             ctx.sampler.set_epoch(ctx.epoch)  # keeps a restored mid-epoch position
-            ctx.loader_generator.manual_seed(cfg.random_seed * 100_003 + ctx.epoch)
+            ctx.loader_generator.manual_seed(cfg.seed * 100_003 + ctx.epoch)
             self._emit("on_epoch_begin", ctx)
             batches = iter(ctx.dataloader)
             while not self._should_stop(ctx):
@@ -149,7 +155,8 @@ class Trainer:
         for i, (batch, scale, share) in enumerate(zip(batches, scales, shares, strict=True)):
             self._emit("on_batch_begin", ctx)
             with gradient_sync(ctx.model, enabled=i == len(batches) - 1):
-                loss += self._forward_backward(ctx, batch, scale, share)
+                # Out of place: an fp64 model's loss promotes the fp32 zero instead of being cut.
+                loss = loss + self._forward_backward(ctx, batch, scale, share)
             ctx.sampler.advance()
             ctx.step_tokens += count_tokens(batch)
             samples += len(next(iter(batch.values())))
@@ -171,18 +178,22 @@ class Trainer:
         ctx.step_tokens = round(summed[1] / replicas)
         if summed[3] > 0:
             ctx.stop_requested = ctx.stop_pending or "a signal to another process"
-        return torch.tensor(summed[0] / ctx.world_size, device=loss.device), round(summed[2] / replicas)
+        mean = torch.tensor(summed[0] / ctx.world_size, dtype=loss.dtype, device=loss.device)
+        return mean, round(summed[2] / replicas)
 
     def _forward_backward(self, ctx: TrainContext, batch: Batch, scale: float,
                           share: float) -> torch.Tensor:
         strategy = ctx.strategy
         device_batch = strategy.move_to_device(batch)
+        if ctx.moe is not None:
+            ctx.moe.begin_micro_batch()
         with ctx.autocast():
             loss = strategy.compute_loss(device_batch)
-        (loss * scale).backward()
+            aux = ctx.moe.end_micro_batch(ctx, share) if ctx.moe is not None else None
+        ((loss if aux is None else loss + aux) * scale).backward()  # the logged loss is loss
         for name, value in strategy.metrics.items():
             ctx.step_metrics[name] = ctx.step_metrics.get(name, 0.0) + value.detach().float() * share
-        return loss.detach().float() * scale
+        return loss.detach().to(torch.promote_types(loss.dtype, torch.float32)) * scale
 
     def _update(self, ctx: TrainContext, loss: torch.Tensor) -> None:
         ctx.step_grad_norm = None
@@ -193,13 +204,15 @@ class Trainer:
             norm = get_total_norm(grads) if grads else torch.zeros((), device=ctx.device)
         norm = full_tensor(norm)  # FSDP: the norm of sharded grads is a DTensor
         # The step's one host sync: the finiteness check needs both values, logging reuses them.
-        loss_value, norm_value = torch.stack([loss, norm.float().to(loss.device)]).tolist()
+        loss_value, norm_value = torch.stack([loss, norm.to(loss)]).tolist()
         if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
             raise self._non_finite_error(ctx, loss_value, norm_value)
         ctx.loss, ctx.grad_norm = loss_value, norm_value
         ctx.lr = float(ctx.optimizer.param_groups[0]["lr"])
         ctx.optimizer.step()
         ctx.optimizer.zero_grad(set_to_none=True)
+        if ctx.moe is not None:  # all ranks: the expert loads are all-reduced
+            ctx.moe.step(ctx)
         ctx.iteration += 1
         ctx.tokens_seen += ctx.step_tokens
         self._emit("on_step_end", ctx)

@@ -9,6 +9,7 @@ from importlib.metadata import distributions, entry_points
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 app = typer.Typer(
     name="astrai",
@@ -70,7 +71,8 @@ def main() -> None:
     except USER_ERRORS as exc:
         if os.environ.get("ASTRAI_DEBUG"):
             raise
-        err_console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        # escape: a message may hold brackets (pip install 'pkg[extra]') that are not markup
+        err_console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(1)
 
 

@@ -8,6 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from astrai_core.cli.aliases import aliased
 from astrai_core.tokenizer import AutoTokenizer, train_tokenizer
 from astrai_core.tokenizer.streaming import REPLACEMENT_CHAR
 from astrai_core.tokenizer.training import TrainingReport
@@ -16,7 +17,7 @@ tokenizer_app = typer.Typer(help="Train and inspect tokenizers.", no_args_is_hel
 console = Console()
 
 
-@tokenizer_app.command("train")
+@tokenizer_app.command("train", cls=aliased({"--force": "--overwrite"}))
 def train(
     more_inputs: list[Path] | None = typer.Argument(
         None, metavar="FILE", show_default=False,
@@ -28,7 +29,7 @@ def train(
     out: Path = typer.Option(..., "--out", help="Tokenizer folder to write (Hugging Face layout)."),
     min_frequency: int = typer.Option(2, help="Merge only pairs seen at least this often."),
     held_out_every: int = typer.Option(50, help="Keep every Nth text out of training to measure compression."),
-    force: bool = typer.Option(False, help="Replace a tokenizer already in --out."),
+    overwrite: bool = typer.Option(False, help="Replace a tokenizer already in --out."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Train a byte-level BPE for English and Chinese, streaming the input files.
@@ -39,11 +40,11 @@ def train(
 
       astrai tokenizer train --input corpus.txt --vocab-size 8000 --out runs/tokenizer
 
-      astrai tokenizer train --input en.txt zh.jsonl --vocab-size 4000 --out tok --force
+      astrai tokenizer train --input en.txt zh.jsonl --vocab-size 4000 --out tok --overwrite
     """
     files = [*inputs, *(more_inputs or [])]
     report = train_tokenizer(files, vocab_size, out, min_frequency=min_frequency,
-                             held_out_every=held_out_every, show_progress=progress, overwrite=force)
+                             held_out_every=held_out_every, show_progress=progress, overwrite=overwrite)
     console.print(_report_table(report))
     if report.vocab_size < report.requested_vocab_size:
         console.print(f"[yellow]warning:[/] the corpus allowed only {report.vocab_size} tokens of the "

@@ -9,6 +9,7 @@ from torch import nn
 from astrai_core.model.cache import AttentionPlan, KVSpec, PagedCache
 from astrai_core.model.config import ModelConfig
 from astrai_core.model.linear import Linear
+from astrai_core.model.masks import causal_mask
 from astrai_core.model.norm import RMSNorm
 from astrai_core.model.rope import apply_rotary
 
@@ -33,7 +34,7 @@ def scaled_attention(
         if T == L:
             is_causal = True
         else:  # causal aligned to the bottom right: query i sees keys up to L - T + i
-            mask = torch.ones(T, L, dtype=torch.bool, device=q.device).tril(L - T)
+            mask = causal_mask(T, L, q.device)
     if k.shape[1] != q.shape[1] and T == 1:
         # Decode: fold each group's query heads into the query axis, (B, Hkv, rep, D), so the
         # cached keys are read once per KV head instead of being copied rep times.

@@ -1,21 +1,20 @@
 """`AutoModel`: the base of every model class, a registry of model types, and loading/saving of
-model folders (ours and Hugging Face `llama`/`qwen2`/`qwen3`)."""
+model folders (ours and Hugging Face `llama`/`qwen2`/`qwen3`/`qwen3_moe`/`mixtral`)."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, ClassVar, Self
 
 import torch
 from torch import nn
 
+from astrai_core.atomic import atomic_dir
 from astrai_core.factory import BaseFactory, Registry
 from astrai_core.model import hf
-from astrai_core.model.config import ModelConfig
+from astrai_core.model.config import ModelConfig, read_config_file
 from astrai_core.model.weights import load_weights, save_weights
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -40,12 +39,16 @@ def read_config(folder: Path) -> tuple[str, ModelConfig, bool]:
     if not folder.is_dir():
         raise FileNotFoundError(f"model folder {folder} does not exist")
     if not path.is_file():
+        if (folder / "adapter_config.json").is_file():  # a LoRA adapter or a LoRA run's checkpoint
+            raise FileNotFoundError(
+                f"{folder} is a LoRA adapter, not a model folder; merge it into its base first: "
+                f"astrai model merge-lora BASE {folder} --out DIR")
         raise FileNotFoundError(f"{path} is missing; a model folder needs config.json and weights")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    raw = read_config_file(path)
     model_type = raw.get("model_type", "astrai")
+    if not isinstance(model_type, str):
+        raise ValueError(f"{path}: model_type must be a string such as \"astrai\" or \"llama\", "
+                         f"got {model_type!r}; fix the file or copy the model folder again")
     if hf.is_hf_model_type(model_type):
         return "astrai", hf.config_from_hf(raw), True
     if model_type not in AutoModel._registry:
@@ -89,7 +92,10 @@ class AutoModel(nn.Module, BaseFactory):
             model = cls.get_model_class(model_type)(config)
         state = load_weights(folder)
         if from_hf:
-            state = hf.state_dict_from_hf(state)
+            try:
+                state = hf.state_dict_from_hf(state, config)
+            except ValueError as exc:  # per-expert tensors missing
+                raise ValueError(f"{folder}: {exc}") from None
         model.load_weights(state, dtype=target, device=device, source=folder)
         return model.eval()
 
@@ -127,22 +133,12 @@ class AutoModel(nn.Module, BaseFactory):
     def save_pretrained(
         self, save_directory: str | os.PathLike, max_shard_bytes: int | None = None
     ) -> None:
-        """Write config.json and safetensors into save_directory, atomically (temp dir + rename)."""
+        """Write config.json and safetensors into save_directory, atomically (temp dir + rename).
+        Files of an existing folder that are not the model's (tokenizer, generation config) stay."""
         target = Path(save_directory)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-        try:
+        with atomic_dir(target) as tmp:
             self.write_model_files(tmp, max_shard_bytes)
-            if target.exists():
-                # Keep files we do not own (tokenizer, generation config) from the old folder.
-                for item in target.iterdir():
-                    if not (tmp / item.name).exists() and not item.name.startswith("model"):
-                        shutil.move(str(item), tmp / item.name)
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
+            _keep_other_files(target, tmp)
 
     def write_model_files(self, folder: Path, max_shard_bytes: int | None = None) -> None:
         dtype_name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -161,3 +157,25 @@ class AutoModel(nn.Module, BaseFactory):
 
     def to(self, *args: Any, **kwargs: Any) -> Self:  # typed to return the model
         return super().to(*args, **kwargs)
+
+
+def _keep_other_files(old: Path, new: Path) -> None:
+    """Carry the files of the folder being replaced that the model does not own (tokenizer,
+    generation config) into the new one. Hard links, not moves: until the swap the old folder
+    stays complete, so a crash in between loses nothing."""
+    if not old.is_dir():
+        return
+    for item in old.iterdir():
+        if (new / item.name).exists() or item.name.startswith("model"):
+            continue
+        if item.is_dir():
+            shutil.copytree(item, new / item.name, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(item, new / item.name)
+
+
+def _link_or_copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem, or one without hard links
+        shutil.copy2(src, dst)

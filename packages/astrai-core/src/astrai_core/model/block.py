@@ -1,4 +1,5 @@
-"""Pre-norm decoder block: x + attn(norm(x)), then x + mlp(norm(x))."""
+"""Pre-norm decoder block: x + attn(norm(x)), then x + mlp(norm(x)); the feed-forward `mlp` is
+the dense SwiGLU, or in the MoE layers of a mixture-of-experts config the `MoE` block."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from astrai_core.model.cache import AttentionPlan, PagedCache
 from astrai_core.model.config import ModelConfig
 from astrai_core.model.mla import MLA
 from astrai_core.model.mlp import MLP
+from astrai_core.model.moe import MoE
 from astrai_core.model.norm import RMSNorm
 
 
@@ -18,7 +20,10 @@ class DecoderBlock(nn.Module):
         super().__init__()
         attention_cls = MLA if config.attention_type == "mla" else GQA
         self.self_attn = attention_cls(config, layer_id)
-        self.mlp = MLP(config.dim, config.dim_ffn, config.mlp_bias)
+        if config.is_moe_layer(layer_id):
+            self.mlp: MLP | MoE = MoE(config)
+        else:
+            self.mlp = MLP(config.dim, config.dim_ffn, config.mlp_bias)
         self.input_layernorm = RMSNorm(config.dim, config.norm_eps)
         self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
 

@@ -12,6 +12,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from astrai_core.model.masks import padded_causal_mask
+
 
 @dataclass(frozen=True)
 class KVSpec:
@@ -63,7 +65,7 @@ class PagedCache(Protocol):
 
 
 class ContiguousCache:
-    """A dense (B, heads, max_len, dim) cache per layer. Rows share one length; padding is
+    """A dense (B, heads, max_seq_len, dim) cache per layer. Rows share one length; padding is
     expressed by `input_mask` in `begin` (left padding in `generate`)."""
 
     def __init__(
@@ -71,39 +73,32 @@ class ContiguousCache:
         spec: KVSpec,
         n_layers: int,
         batch_size: int,
-        max_len: int,
+        max_seq_len: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
     ) -> None:
         def empty(heads: int, dim: int) -> list[torch.Tensor]:
-            shape = (batch_size, heads, max_len, dim)
+            shape = (batch_size, heads, max_seq_len, dim)
             return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
 
         self.k, self.v = empty(spec.k_heads, spec.k_dim), empty(spec.v_heads, spec.v_dim)
-        self.max_len = max_len
+        self.max_seq_len = max_seq_len
         self.length = 0  # tokens stored, this step's included once `begin` ran
         self._start = 0
-        self._key_valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self._key_valid = torch.zeros(batch_size, max_seq_len, dtype=torch.bool, device=device)
         self._mask: torch.Tensor | None = None
 
     def begin(self, input_mask: torch.Tensor) -> None:
         """Announce the next T tokens of each row; input_mask (B, T) marks real tokens."""
         T = input_mask.shape[1]
-        if self.length + T > self.max_len:
-            raise ValueError(f"ContiguousCache is full: {self.length} + {T} > max_len {self.max_len}")
+        if self.length + T > self.max_seq_len:
+            raise ValueError(f"ContiguousCache is full: {self.length} + {T} > max_seq_len {self.max_seq_len}")
         self._start, self.length = self.length, self.length + T
         self._key_valid[:, self._start : self.length] = input_mask.bool()
         if bool(self._key_valid[:, : self.length].all()):
             self._mask = None
             return
-        L = self.length
-        q_pos = torch.arange(self._start, L, device=input_mask.device)
-        k_pos = torch.arange(L, device=input_mask.device)
-        causal = k_pos[None, :] <= q_pos[:, None]  # (T, L)
-        mask = causal[None] & self._key_valid[:, None, :L]  # (B, T, L)
-        # A padded query attends to itself so its row is never empty (no NaN from softmax).
-        mask |= (k_pos[None, :] == q_pos[:, None])[None]
-        self._mask = mask[:, None]
+        self._mask = padded_causal_mask(self._key_valid[:, : self.length], T, start=self._start)
 
     def write(self, layer_id: int, k: torch.Tensor, v: torch.Tensor) -> None:
         self.k[layer_id][:, :, self._start : self.length] = k

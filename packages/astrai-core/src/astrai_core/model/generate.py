@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
+from astrai_core.model.masks import positions_from_mask
 from astrai_core.model.transformer import Transformer
 
 
@@ -24,17 +25,17 @@ def generate(
     device = model.embed_tokens.weight.device
     B, width = len(prompts), max(len(p) for p in prompts)
     total = width + max_new_tokens
-    if total > model.config.max_len:
+    if total > model.config.max_seq_len:
         raise ValueError(
             f"prompt ({width} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
-            f"context window max_len={model.config.max_len}"
+            f"context window max_seq_len={model.config.max_seq_len}"
         )
     ids = torch.zeros(B, width, dtype=torch.long, device=device)
     mask = torch.zeros(B, width, dtype=torch.bool, device=device)
     for i, p in enumerate(prompts):
         ids[i, width - len(p) :] = torch.tensor(list(p), device=device)
         mask[i, width - len(p) :] = True
-    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    positions = positions_from_mask(mask)
     cache = model.make_cache(B, total)
     stop = torch.tensor(list(stop_ids) or [-1], device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)

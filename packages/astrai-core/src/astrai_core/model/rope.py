@@ -11,10 +11,10 @@ from torch import nn
 
 
 class RotaryEmbedding(nn.Module):
-    def __init__(self, dim: int, max_len: int, base: float = 10000.0) -> None:
+    def __init__(self, dim: int, max_seq_len: int, base: float = 10000.0) -> None:
         super().__init__()
         self.dim = dim
-        self.max_len = max_len
+        self.max_seq_len = max_seq_len
         self.base = base
         # A plain attribute, not a buffer: it must stay fp32 when the model is cast to bf16,
         # and be real (not meta) when the model was built on the meta device.

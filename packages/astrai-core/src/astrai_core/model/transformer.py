@@ -13,6 +13,8 @@ from astrai_core.model.block import DecoderBlock
 from astrai_core.model.cache import ContiguousCache, KVSpec, PagedCache
 from astrai_core.model.config import ModelConfig
 from astrai_core.model.linear import Embedding, Linear
+from astrai_core.model.masks import padded_causal_mask, positions_from_mask
+from astrai_core.model.moe import Experts, Router
 from astrai_core.model.norm import RMSNorm
 from astrai_core.model.rope import RotaryEmbedding
 
@@ -21,12 +23,7 @@ def padding_attention_mask(input_mask: torch.Tensor | None) -> torch.Tensor | No
     """(B, T) mask of real tokens -> (B, 1, T, T) causal mask over real keys, or None if dense."""
     if input_mask is None or bool(input_mask.all()):
         return None
-    T = input_mask.shape[1]
-    pos = torch.arange(T, device=input_mask.device)
-    causal = pos[None, :] <= pos[:, None]
-    mask = causal[None] & input_mask.bool()[:, None, :]
-    mask |= torch.eye(T, dtype=torch.bool, device=input_mask.device)[None]  # no empty rows
-    return mask[:, None]
+    return padded_causal_mask(input_mask, input_mask.shape[1])
 
 
 @AutoModel.register("astrai")
@@ -35,7 +32,7 @@ class Transformer(AutoModel):
         super().__init__()
         self.config = config
         rope_dim = config.qk_rope_head_dim if config.attention_type == "mla" else config.resolved_head_dim
-        self.rotary_emb = RotaryEmbedding(rope_dim, config.max_len, config.rope_theta)
+        self.rotary_emb = RotaryEmbedding(rope_dim, config.max_seq_len, config.rope_theta)
         self.embed_tokens = Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(DecoderBlock(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
@@ -59,14 +56,18 @@ class Transformer(AutoModel):
                 module.reset_parameters(std)
             elif isinstance(module, RMSNorm):
                 module.reset_parameters()
+            elif isinstance(module, Router):
+                module.reset_parameters(std)
+            elif isinstance(module, Experts):  # down_proj writes to the residual stream
+                module.reset_parameters(std, out_std)
 
     def kv_spec(self) -> KVSpec:
         return self.layers[0].self_attn.kv_spec()
 
-    def make_cache(self, batch_size: int, max_len: int | None = None) -> ContiguousCache:
+    def make_cache(self, batch_size: int, max_seq_len: int | None = None) -> ContiguousCache:
         p = self.embed_tokens.weight
         return ContiguousCache(self.kv_spec(), self.config.n_layers, batch_size,
-                               max_len or self.config.max_len, p.dtype, p.device)
+                               max_seq_len or self.config.max_seq_len, p.dtype, p.device)
 
     def forward(
         self,
@@ -116,5 +117,4 @@ class Transformer(AutoModel):
         B, T = input_ids.shape
         if input_mask is None:
             return torch.arange(T, device=input_ids.device).expand(B, T)
-        # Count only real tokens, so left-padded rows start at position 0 too.
-        return (input_mask.long().cumsum(-1) - 1).clamp(min=0)
+        return positions_from_mask(input_mask)

@@ -57,6 +57,7 @@ class ColumnParallelLinear(ParallelModel):
                     gather_output: bool = False) -> ColumnParallelLinear:
         out_f, in_f = linear.weight.shape
         layer = cls(in_f, out_f, linear.bias is not None, gather_output, process_group)
+        layer.to(linear.weight)  # keep the dtype and device of the layer it replaces
         with torch.no_grad():
             layer.weight.copy_(linear.weight.chunk(layer.world_size, dim=0)[layer.rank])
             if linear.bias is not None:
@@ -82,6 +83,7 @@ class RowParallelLinear(ParallelModel):
     def from_linear(cls, linear: nn.Module, process_group: dist.ProcessGroup | None = None) -> RowParallelLinear:
         out_f, in_f = linear.weight.shape
         layer = cls(in_f, out_f, linear.bias is not None, process_group)
+        layer.to(linear.weight)  # keep the dtype and device of the layer it replaces
         with torch.no_grad():
             layer.weight.copy_(linear.weight.chunk(layer.world_size, dim=1)[layer.rank])
             if linear.bias is not None:

@@ -8,6 +8,19 @@ Cost per token is constant: only a short window is decoded, never the whole sequ
 is `context + unread` tokens: the context (the tokens emitted last) is re-decoded beside the new
 tokens so that decoders which treat the first token specially (SentencePiece strips its leading
 space) give the same text as a full decode, and the new text is what the window adds beyond it.
+
+Why not `tokenizers.decoders.DecodeStream` (checked with tokenizers 0.23.3, on the fixtures of
+tests/core/test_streaming_decode.py): it gives the same pieces for byte-level BPE whose tokens
+straddle characters, Chinese split over several tokens, SentencePiece byte fallback, and
+skip_special_tokens on or off; but
+- it holds bytes that never become a character forever: 24 lone UTF-8 continuation bytes then
+  "ok" return None 24 times and come out only with "o", while its window (re-decoded each step)
+  keeps growing. A model can sample such bytes; we release them after MAX_PENDING_TOKENS.
+- it has no flush: for "a" plus the first two bytes of "中" it returns "a", None and the U+FFFD
+  that `decode` gives is lost, so the streamed text differs from the full decode.
+- it needs a `tokenizers.Tokenizer`; this takes anything with `decode` (AutoTokenizer, doubles).
+Its `step` does not expose the ids it holds, so a wrapper cannot add either missing behaviour
+without keeping its own window, which is this class.
 """
 
 from __future__ import annotations

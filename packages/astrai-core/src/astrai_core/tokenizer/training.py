@@ -3,8 +3,12 @@
 Pre-tokenization, in order:
 1. every digit is its own piece, so numbers tokenize the same way wherever they appear
    (arithmetic needs "12" + "3" and "123" to share their digit tokens);
-2. runs of CJK characters are split from their neighbours, so "用Python写" never merges a
-   Chinese character into a Latin word;
+2. every CJK character is its own piece, so a merge never joins two characters, nor a
+   character and a Latin word ("用Python写"). Chinese then tokenizes the same way in any
+   phrasing: on a small corpus BPE otherwise learns whole phrases as single tokens
+   ("樱桃是什么颜色" was one token, "樱桃的颜色" another), and a model trained on one
+   phrasing of a question cannot read another (held-out Chinese accuracy 0% on questions whose
+   words it knew). A character is the unit a Chinese reader composes meaning from;
 3. byte-level with the GPT-2 word pattern, so any text (any script, emoji, stray bytes) round-trips.
 """
 
@@ -34,8 +38,9 @@ from astrai_core.tokenizer.hf_folder import TOKENIZER_FILE
 from astrai_core.tokenizer.special_tokens import BOS_TOKEN, DEFAULT_NAMED_TOKENS, SPECIAL_TOKENS
 from astrai_core.tokenizer.tokenizer import AutoTokenizer
 
-# Han, kana and Hangul: scripts written without spaces between words.
-CJK_RUN = r"[\p{Han}\p{Hiragana}\p{Katakana}\p{Hangul}]+"
+# One Han, kana or Hangul character: scripts written without spaces between words.
+CJK_CHAR = r"[\p{Han}\p{Hiragana}\p{Katakana}\p{Hangul}]"
+CJK_RUN = CJK_CHAR  # its former name (a run of them), still read by the GGUF export
 _CJK_CHAR = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]")
 _LATIN_CHAR = re.compile(r"[A-Za-z]")
 MIN_VOCAB_SIZE = len(SPECIAL_TOKENS) + 256 + 1  # special tokens, the 256 bytes, one merge
@@ -58,7 +63,7 @@ class TrainingReport:
 def build_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
     return pre_tokenizers.Sequence([
         pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.Split(Regex(CJK_RUN), behavior="isolated"),
+        pre_tokenizers.Split(Regex(CJK_CHAR), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
     ])
 
@@ -115,7 +120,7 @@ def _check_arguments(files: Sequence[Path], vocab_size: int, out_dir: Path, min_
     if min_frequency < 1:
         raise ValueError(f"min_frequency must be at least 1, got {min_frequency}")
     if (Path(out_dir) / TOKENIZER_FILE).exists() and not overwrite:
-        raise FileExistsError(f"{out_dir} already holds a tokenizer; pass --force (overwrite=True) "
+        raise FileExistsError(f"{out_dir} already holds a tokenizer; pass --overwrite (overwrite=True) "
                               "to replace it, or choose another --out")
     return check_inputs(files)
 

@@ -1,4 +1,4 @@
-"""Datasets by train type; importing this package registers them with `DatasetFactory`."""
+"""Datasets by strategy; importing this package registers them with `DatasetFactory`."""
 
 from astrai_data.datasets.base import BaseDataset
 from astrai_data.datasets.dpo import DPODataset

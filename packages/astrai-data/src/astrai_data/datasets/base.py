@@ -1,4 +1,4 @@
-"""The dataset base class and helpers shared by the four train types."""
+"""The dataset base class and helpers shared by the four strategies."""
 
 from __future__ import annotations
 
@@ -46,8 +46,8 @@ class BaseDataset(Dataset, ABC):
         if storage.kind != self.kind:
             raise ValueError(f"{storage.path}: holds a '{storage.kind}' dataset, but "
                              f"{type(self).__name__} reads '{self.kind}' data; prepare it with "
-                             f"`astrai data prepare --kind {self.kind}` or train with train type "
-                             f"'{storage.kind}'")
+                             f"`astrai data prepare --strategy {self.kind}` or train with --strategy "
+                             f"{storage.kind}")
         for name, value in (("window_size", window_size), ("stride", stride)):
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be a positive number of tokens, got {value}")

@@ -1,4 +1,4 @@
-"""`DatasetFactory`: train type -> dataset class, and loading a prepared file by train type."""
+"""`DatasetFactory`: strategy -> dataset class, and loading a prepared file by strategy."""
 
 from __future__ import annotations
 
@@ -14,18 +14,18 @@ if TYPE_CHECKING:
 
 
 class DatasetFactory(BaseFactory["BaseDataset"]):
-    _registry: ClassVar[Registry] = Registry(kind="dataset train type")
+    _registry: ClassVar[Registry] = Registry(kind="dataset strategy")
 
     @classmethod
-    def create(cls, train_type: str, storage: BaseStorage, window_size: int | None = None,
+    def create(cls, strategy: str, storage: BaseStorage, window_size: int | None = None,
                stride: int | None = None) -> BaseDataset:
-        return cls._registry.get(train_type)(storage, window_size, stride)
+        return cls._registry.get(strategy)(storage, window_size, stride)
 
     @classmethod
-    def load(cls, train_type: str, load_path: str | Path, window_size: int | None = None,
+    def load(cls, strategy: str, load_path: str | Path, window_size: int | None = None,
              stride: int | None = None, tokenizer: TokenizerLike | None = None,
              storage_type: str | None = None) -> BaseDataset:
-        """Open a prepared file and wrap it in the dataset of `train_type`; the file's kind must
+        """Open a prepared file and wrap it in the dataset of `strategy`; the file's kind must
         match (checked by the dataset, with the fix in the message)."""
-        dataset_cls = cls._registry.get(train_type)  # unknown train types fail before any I/O
+        dataset_cls = cls._registry.get(strategy)  # unknown strategies fail before any I/O
         return dataset_cls(open_storage(load_path, tokenizer, storage_type), window_size, stride)

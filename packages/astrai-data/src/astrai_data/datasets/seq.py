@@ -26,7 +26,7 @@ class SEQDataset(BaseDataset):
         super().__init__(storage, window_size, stride)
         if window_size is None:
             raise ValueError(f"{type(self).__name__} needs window_size (tokens per training "
-                             "sample), e.g. the model's max_len")
+                             "sample), e.g. the model's max_seq_len")
         self.stride = stride or window_size
         total = storage.length(self.keys[0])
         if total < window_size + 1:

@@ -9,7 +9,6 @@ A prepared dataset holds three kinds of content:
 
 from __future__ import annotations
 
-import os
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from typing import Any, Self
 
 import numpy as np
 
+from astrai_core import atomic_file
 from astrai_data.fetcher import MultiSegmentFetcher
 from astrai_data.tokenizer import TokenizerLike
 
@@ -141,7 +141,9 @@ class DatasetWriter(ABC):
         self.meta = meta
         if not self.path.parent.is_dir():
             raise FileNotFoundError(f"{self.path.parent}: output folder does not exist")
-        self.tmp_path = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+        # Also removes what killed earlier runs left (`.NAME.tmp-PID-N` of a pid that is gone).
+        self._atomic = atomic_file(self.path)
+        self.tmp_path = self._atomic.path
 
     @abstractmethod
     def append(self, key: str, tokens: np.ndarray) -> None:
@@ -164,13 +166,16 @@ class DatasetWriter(ABC):
         """Release open handles after a failure."""
 
     def finish(self) -> Path:
-        self._write_out()
-        os.replace(self.tmp_path, self.path)
-        return self.path
+        try:
+            self._write_out()
+        except BaseException:
+            self.abort()
+            raise
+        return self._atomic.commit()
 
     def abort(self) -> None:
         self._close_quietly()
-        self.tmp_path.unlink(missing_ok=True)
+        self._atomic.discard()
 
     def __enter__(self) -> Self:
         return self

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
@@ -28,11 +28,13 @@ import numpy as np
 from astrai_data.fetcher import MultiSegmentFetcher
 from astrai_data.storage.base import (
     FORMAT_NAME,
+    KINDS,
     BaseStorage,
     DatasetWriter,
     StorageMeta,
     check_header,
     check_tokenizer,
+    is_mask_key,
     stream_dtype,
 )
 from astrai_data.tokenizer import TokenizerLike
@@ -164,6 +166,33 @@ class H5Writer(DatasetWriter):
             self.file.close()
 
 
+PREPARE_AGAIN = "prepare it again with `astrai data prepare`"
+# What h5py raises when the structure it walks is damaged: KeyError when an object's header or
+# name does not parse, OSError when a read fails its checks, UnicodeDecodeError for mangled text.
+H5_READ_ERRORS = (KeyError, OSError, RuntimeError, UnicodeDecodeError)
+
+
+def _corrupt(path: Path, detail: str) -> ValueError:
+    return ValueError(f"{path}: not an AstrAI dataset file, or a corrupt one ({detail}); "
+                      f"{PREPARE_AGAIN}")
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc.args[0]) if exc.args else type(exc).__name__
+    return text.strip("'\"")
+
+
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """Turn h5py's low-level errors on a damaged file into one actionable message."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise
+    except H5_READ_ERRORS as exc:
+        raise _corrupt(path, _reason(exc)) from None
+
+
 def _open_h5(path: Path) -> h5py.File:
     try:
         return h5py.File(path, "r")
@@ -178,30 +207,69 @@ def _open_h5(path: Path) -> h5py.File:
         if "signature" in msg:
             raise ValueError(f"{path}: not an HDF5 file, so not a prepared AstrAI dataset; "
                              "create one with `astrai data prepare`") from None
-        raise ValueError(f"{path}: cannot be read as HDF5 ({msg})") from None
+        raise _corrupt(path, f"HDF5 cannot open it: {_reason(exc)}") from None
+
+
+def _read_attrs(path: Path, f: h5py.File) -> dict[str, Any]:
+    with _reading(path):
+        return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+
+
+def _json_attr(path: Path, attrs: Mapping[str, Any], name: str, kind: type) -> Any:
+    if name not in attrs:
+        raise _corrupt(path, f"the header has no '{name}' attribute")
+    try:
+        value = json.loads(attrs[name])
+    except (TypeError, ValueError):
+        raise _corrupt(path, f"the header attribute '{name}' is not valid JSON") from None
+    if not isinstance(value, kind):
+        raise _corrupt(path, f"the header attribute '{name}' is not a JSON {kind.__name__}")
+    return value
 
 
 def _read_meta(path: Path, f: h5py.File) -> tuple[StorageMeta, dict[str, int]]:
-    attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+    attrs = _read_attrs(path, f)
     check_header(path, attrs)
     if not attrs.get("complete"):
         raise ValueError(f"{path}: the dataset was not finished (its writer was interrupted); "
                          "prepare it again")
-    meta = StorageMeta(kind=str(attrs["kind"]), keys=json.loads(attrs["keys"]),
+    keys = _json_attr(path, attrs, "keys", list)
+    n_tokens = _json_attr(path, attrs, "n_tokens", dict)
+    info = _json_attr(path, attrs, "info", dict)
+    kind = str(attrs.get("kind"))
+    if kind not in KINDS:
+        raise _corrupt(path, f"its kind {kind!r} is not one of {', '.join(KINDS)}")
+    if not keys or not all(isinstance(k, str) for k in keys):
+        raise _corrupt(path, f"its stream names {keys!r} are not a list of names")
+    lacking = [k for k in keys if not isinstance(n_tokens.get(k), int)]
+    if lacking:
+        raise _corrupt(path, f"the header has no token count for {', '.join(lacking)}")
+    meta = StorageMeta(kind=kind, keys=keys,
                        tokenizer_fingerprint=str(attrs.get("tokenizer_fingerprint", "")),
                        created_by=str(attrs.get("created_by", "")),
-                       format_version=int(attrs["format_version"]), info=json.loads(attrs["info"]))
-    return meta, json.loads(attrs["n_tokens"])
+                       format_version=int(attrs["format_version"]), info=info)
+    return meta, n_tokens
 
 
 def _stream_segments(path: Path, f: h5py.File, key: str, n_tokens: int) -> list[h5py.Dataset]:
-    lengths = f[f"segment_index/{key}"][()]
-    segments = [f[f"streams/{key}/{i}"] for i in range(len(lengths))]
-    actual = [s.shape[0] for s in segments]
-    if actual != lengths.tolist() or int(lengths.sum()) != n_tokens:
-        raise ValueError(f"{path}: stream '{key}' does not match its segment index (the file is "
-                         "corrupt); prepare it again")
+    with _reading(path):
+        if f"segment_index/{key}" not in f:
+            raise _corrupt(path, f"the segment index of stream '{key}' is missing")
+        lengths = np.asarray(f[f"segment_index/{key}"][()])
+        segments = [f.get(f"streams/{key}/{i}") for i in range(lengths.size)]
+        actual = [s.shape[0] if isinstance(s, h5py.Dataset) and s.ndim == 1 else None
+                  for s in segments]
+    if lengths.ndim != 1 or actual != lengths.tolist() or int(lengths.sum()) != n_tokens:
+        raise _corrupt(path, f"stream '{key}' does not match its segment index")
     return segments
+
+
+def _read_columns(path: Path, f: h5py.File) -> tuple[dict[str, np.ndarray], dict[str, list[str]]]:
+    """The per-record arrays and text columns, which are small and loaded on open."""
+    with _reading(path):
+        records = {name: ds[()] for name, ds in f.get("records", {}).items()}
+        texts = {name: ds.asstr()[()].tolist() for name, ds in f.get("texts", {}).items()}
+    return records, texts
 
 
 class H5Storage(BaseStorage):
@@ -220,9 +288,30 @@ class H5Storage(BaseStorage):
             check_tokenizer(self.path, self.meta, tokenizer)
             for key in self.meta.keys:  # validates the index before any read depends on it
                 _stream_segments(self.path, f, key, self._n_tokens[key])
-            self._records = {name: ds[()] for name, ds in f.get("records", {}).items()}
-            self._texts = {name: ds.asstr()[()].tolist() for name, ds in f.get("texts", {}).items()}
+            self._records, self._texts = _read_columns(self.path, f)
         return self
+
+    def fetch(self, begin: int, end: int, keys: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        # Open checks only the structure; damaged token chunks show up when they are read.
+        fetcher = self.fetcher
+        try:
+            data = fetcher.key_fetch(begin, end, list(keys) if keys is not None else self.keys())
+        except (OSError, RuntimeError) as exc:
+            raise _corrupt(self.path, f"reading tokens [{begin}, {end}): {_reason(exc)}") from None
+        self._check_ids(data, begin)
+        return data
+
+    def _check_ids(self, data: dict[str, np.ndarray], begin: int) -> None:
+        """Overwritten token bytes read back as ids past the vocabulary; catch them here, with
+        the file named, rather than as an index error deep inside the model."""
+        vocab = self._meta().info.get("vocab_size")
+        if not isinstance(vocab, int):
+            return
+        for key, ids in data.items():
+            if not is_mask_key(key) and ids.size and int(ids.max()) >= vocab:
+                at = int(np.argmax(ids >= vocab))
+                raise _corrupt(self.path, f"stream '{key}' holds id {int(ids[at])} at token "
+                                          f"{begin + at}, past the vocabulary of {vocab}")
 
     @property
     def fetcher(self) -> MultiSegmentFetcher:

@@ -2,16 +2,13 @@
 
 from astrai_data.synth.corpus import NUMERIC as NUMERIC_TASKS
 from astrai_data.synth.rewards import (
-    REWARD_FUNCTIONS,
     exact_answer_reward,
     extract_answer,
     format_reward,
-    reward_exact_answer,
-    reward_format,
 )
 from astrai_data.synth.writer import DEFAULT_SIZE, SynthReport, synthesize, task_spec
 
 __all__ = [
-    "DEFAULT_SIZE", "NUMERIC_TASKS", "REWARD_FUNCTIONS", "SynthReport", "exact_answer_reward", "extract_answer",
-    "format_reward", "reward_exact_answer", "reward_format", "synthesize", "task_spec",
+    "DEFAULT_SIZE", "NUMERIC_TASKS", "SynthReport", "exact_answer_reward", "extract_answer",
+    "format_reward", "synthesize", "task_spec",
 ]

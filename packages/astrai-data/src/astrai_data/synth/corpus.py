@@ -8,7 +8,17 @@ from typing import Any
 
 from astrai_data.synth import lexicon
 from astrai_data.synth.facts import ChitChat, Color, Opposite, Sound, Translate
-from astrai_data.synth.tasks import LANGS, QA, Arithmetic, Compare, Count, Split, Successor, Task
+from astrai_data.synth.tasks import (
+    LANGS,
+    QA,
+    Arithmetic,
+    Compare,
+    Count,
+    Key,
+    Split,
+    Successor,
+    Task,
+)
 
 TASKS: dict[str, Task] = {t.name: t for t in (
     Arithmetic(), Compare(), Successor(), Count(), Color(), Sound(), Opposite(), Translate(),
@@ -101,13 +111,9 @@ def _malformed(rng: Random, reply: str, lang: str) -> str:
     return JOIN[lang].join(words[:i + 1] + [words[i]] * 2 + words[i + 1:])
 
 
-def preference(rng: Random) -> dict[str, Any]:
-    """A DPO record: chosen is the canonical reply; rejected is wrong, in the other language, or
-    malformed. The prompt is a string or, sometimes, a chat ending with the question."""
-    lang = rng.choice(LANGS)
-    task = pick_task(rng)
-    key = task.sample_key(rng, "train")
-    prompt = task.prompt(key, lang, rng, "train")
+def rejected_reply(rng: Random, task: Task, key: Key, lang: str) -> str:
+    """What DPO learns to avoid: a wrong answer, the right one in the other language, or a
+    malformed one (a non-answer, cut short, a stutter)."""
     chosen = task.reply(key, lang)
     roll = rng.random()
     if roll < 0.5:
@@ -118,6 +124,18 @@ def preference(rng: Random) -> dict[str, Any]:
         rejected = _malformed(rng, chosen, lang)
     if rejected == chosen:  # e.g. a chit-chat reply that has no wrong variant
         rejected = lexicon.DONT_KNOW[lang]
+    return rejected
+
+
+def preference(rng: Random) -> dict[str, Any]:
+    """A DPO record: chosen is the canonical reply; rejected is wrong, in the other language, or
+    malformed. The prompt is a string or, sometimes, a chat ending with the question."""
+    lang = rng.choice(LANGS)
+    task = pick_task(rng)
+    key = task.sample_key(rng, "train")
+    prompt = task.prompt(key, lang, rng, "train")
+    chosen = task.reply(key, lang)
+    rejected = rejected_reply(rng, task, key, lang)
     if rng.random() < 0.3:
         messages = chat(rng, "train", max_turns=1)
         return {"messages": [*messages, {"role": "user", "content": prompt}],
@@ -131,9 +149,78 @@ def grpo_prompt(rng: Random, split: Split = "train") -> dict[str, str]:
     return {"prompt": qa.prompt, "answer": qa.reference, "lang": qa.lang, "task": qa.task}
 
 
-def eval_chat(rng: Random) -> dict[str, Any]:
-    """A single-turn held-out chat (tasks drawn uniformly, so each is measured)."""
-    qa = sample_qa(rng, rng.choice(LANGS), "eval", (rng.choice(tuple(TASKS)),))
-    return {"messages": [{"role": "user", "content": qa.prompt},
-                         {"role": "assistant", "content": qa.reply}],
-            "task": qa.task, "lang": qa.lang}
+# -- held-out evaluation sets: distinct items, balanced over tasks, per language ----------------
+def held_out_items(task: Task, lang: str) -> list[tuple[Key, str]]:
+    """Every distinct held-out question of a task: its held-out keys (numeric tasks) or its
+    held-out phrasings (fact tasks), as (key, prompt)."""
+    return [(key, prompt) for key in task.split_keys("eval")
+            for prompt in dict.fromkeys(task.prompts(key, lang, "eval"))]
+
+
+def balanced(pools: dict[str, list[Any]], total: int) -> list[Any]:
+    """Up to `total` items drawn evenly from the pools: every pool gets the same share, a pool
+    with fewer items gives all it has and the rest goes to the others (each pool pre-shuffled)."""
+    taken = dict.fromkeys(pools, 0)
+    open_pools = [name for name in pools if pools[name]]
+    remaining = total
+    while remaining > 0 and open_pools:
+        share = max(remaining // len(open_pools), 1)
+        for name in list(open_pools):
+            n = min(share, len(pools[name]) - taken[name], remaining)
+            taken[name] += n
+            remaining -= n
+            if taken[name] == len(pools[name]):
+                open_pools.remove(name)
+            if remaining == 0:
+                break
+    return [item for name in pools for item in pools[name][:taken[name]]]
+
+
+def _held_out_pools(seed: int, lang: str, names: tuple[str, ...], what: str) -> dict[str, list]:
+    pools = {}
+    for name in names:
+        items = held_out_items(TASKS[name], lang)
+        Random(f"{seed}:{what}:{name}:{lang}").shuffle(items)
+        pools[name] = items
+    return pools
+
+
+def eval_chats(seed: int, per_lang: int) -> list[dict[str, Any]]:
+    """Single-turn held-out chats, `per_lang` per language, spread evenly over the tasks."""
+    rows = []
+    for lang in LANGS:
+        for name, (key, prompt) in _tagged(_held_out_pools(seed, lang, tuple(TASKS), "chat"),
+                                           per_lang):
+            rows.append({"messages": [{"role": "user", "content": prompt},
+                                      {"role": "assistant", "content": TASKS[name].reply(key, lang)}],
+                         "task": name, "lang": lang})
+    return rows
+
+
+def eval_prompts(seed: int, per_lang: int) -> list[dict[str, str]]:
+    """Held-out verifiable prompts (numeric tasks) with their answers, as GRPO's file."""
+    rows = []
+    for lang in LANGS:
+        for name, (key, prompt) in _tagged(_held_out_pools(seed, lang, NUMERIC, "grpo"), per_lang):
+            rows.append({"prompt": prompt, "answer": TASKS[name].reference(key), "lang": lang,
+                         "task": name})
+    return rows
+
+
+def eval_preferences(seed: int, per_lang: int) -> list[dict[str, Any]]:
+    """Held-out preference pairs (held-out questions, rejected replies as in training)."""
+    rows = []
+    for lang in LANGS:
+        rng = Random(f"{seed}:dpo-rejected:{lang}")
+        for name, (key, prompt) in _tagged(_held_out_pools(seed, lang, tuple(TASKS), "dpo"),
+                                           per_lang):
+            task = TASKS[name]
+            rows.append({"prompt": prompt, "chosen": task.reply(key, lang),
+                         "rejected": rejected_reply(rng, task, key, lang), "task": name,
+                         "lang": lang})
+    return rows
+
+
+def _tagged(pools: dict[str, list], total: int) -> list[tuple[str, Any]]:
+    return balanced({name: [(name, item) for item in items] for name, items in pools.items()},
+                    total)

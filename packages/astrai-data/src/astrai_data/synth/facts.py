@@ -15,9 +15,14 @@ from astrai_data.synth.tasks import Key, Split, Task
 class Color(Task):
     name = "color"
     templates: ClassVar = {
-        "en": {"train": ["What color is {x}?", "What is the color of {x}?"],
-               "eval": ["Tell me the color of {x}."]},
-        "zh": {"train": ["{x}是什么颜色？", "{x}是什么颜色的？"], "eval": ["{x}的颜色是什么？"]},
+        "en": {"train": ["What color is {x}?", "What is the color of {x}?", "What colour is {x}?",
+                         "Which color is {x}?", "Do you know the color of {x}?",
+                         "Name the color of {x}."],
+               "eval": ["Tell me the color of {x}.", "What color does {x} have?"]},
+        "zh": {"train": ["{x}是什么颜色？", "{x}是什么颜色的？", "{x}是哪种颜色？",
+                         "你知道{x}是什么颜色吗？", "说说{x}的颜色。", "{x}的颜色是哪种？",
+                         "请告诉我{x}的颜色。", "{x}有什么颜色？"],
+               "eval": ["{x}的颜色是什么？", "{x}是啥颜色？"]},
     }
 
     def instances(self) -> list[Key]:
@@ -37,9 +42,14 @@ class Color(Task):
 class Sound(Task):
     name = "sound"
     templates: ClassVar = {
-        "en": {"train": ["What does a {x} say?", "What sound does a {x} make?"],
-               "eval": ["How does a {x} sound?"]},
-        "zh": {"train": ["{x}怎么叫？", "{x}是怎么叫的？"], "eval": ["{x}的叫声是什么？"]},
+        "en": {"train": ["What does a {x} say?", "What sound does a {x} make?",
+                         "What noise does a {x} make?", "How does a {x} go?",
+                         "What does the {x} say?"],
+               "eval": ["How does a {x} sound?", "Tell me the sound a {x} makes."]},
+        "zh": {"train": ["{x}怎么叫？", "{x}是怎么叫的？", "{x}会怎么叫？", "{x}发出什么声音？",
+                         "{x}的叫声怎么样？", "{x}的叫声是怎样的？", "说说{x}的叫声。",
+                         "{x}是什么叫声？"],
+               "eval": ["{x}的叫声是什么？", "{x}叫起来是什么声音？"]},
     }
 
     def instances(self) -> list[Key]:
@@ -59,9 +69,14 @@ class Sound(Task):
 class Opposite(Task):
     name = "opposite"
     templates: ClassVar = {
-        "en": {"train": ["What is the opposite of {w}?", 'What is the opposite of "{w}"?'],
-               "eval": ["Give me the opposite of {w}."]},
-        "zh": {"train": ["{w}的反义词是什么？", "“{w}”的反义词是什么？"], "eval": ["{w}的反义词是哪个词？"]},
+        "en": {"train": ["What is the opposite of {w}?", 'What is the opposite of "{w}"?',
+                         "What's the opposite of {w}?", "Opposite of {w}?",
+                         "Which word is the opposite of {w}?"],
+               "eval": ["Give me the opposite of {w}.", "Tell me the opposite of {w}."]},
+        "zh": {"train": ["{w}的反义词是什么？", "“{w}”的反义词是什么？", "{w}的反义词是啥？",
+                         "“{w}”的反面是什么？", "说出{w}的反义词。", "和{w}相反的词是什么？",
+                         "{w}的相反是什么？"],
+               "eval": ["{w}的反义词是哪个词？", "“{w}”反过来是什么？"]},
     }
 
     def instances(self) -> list[Key]:
@@ -85,10 +100,22 @@ class Translate(Task):
 
     name = "translate"
     templates: ClassVar = {
-        "en": {"train": ['How do you say "{en}" in Chinese?|What does "{zh}" mean in English?'],
-               "eval": ['Translate "{en}" into Chinese.|Translate "{zh}" into English.']},
-        "zh": {"train": ["“{en}”是什么意思？|“{zh}”用英语怎么说？"],
-               "eval": ["把“{en}”翻译成中文。|把“{zh}”翻译成英语。"]},
+        "en": {"train": ['How do you say "{en}" in Chinese?|What does "{zh}" mean in English?',
+                         'What is "{en}" in Chinese?|What is "{zh}" in English?',
+                         'Say "{en}" in Chinese.|Say "{zh}" in English.',
+                         'What is the Chinese for "{en}"?|What is the English for "{zh}"?',
+                         'Put "{en}" into Chinese.|Put "{zh}" into English.',
+                         'Write "{en}" in Chinese, please.|Write "{zh}" in English, please.'],
+               "eval": ['Translate "{en}" into Chinese.|Translate "{zh}" into English.',
+                        'How would you write "{en}" in Chinese?|'
+                        'How would you write "{zh}" in English?']},
+        "zh": {"train": ["“{en}”是什么意思？|“{zh}”用英语怎么说？",
+                         "“{en}”用中文怎么说？|“{zh}”的英文是什么？",
+                         "“{en}”的中文是什么？|“{zh}”英语怎么说？",
+                         "请把“{en}”译成中文。|请把“{zh}”译成英文。",
+                         "“{en}”翻译过来是什么？|“{zh}”的英语单词是什么？"],
+               "eval": ["把“{en}”翻译成中文。|把“{zh}”翻译成英语。",
+                        "“{en}”翻成中文是什么？|“{zh}”翻成英文是什么？"]},
     }
 
     def instances(self) -> list[Key]:
@@ -98,9 +125,10 @@ class Translate(Task):
         en, zh = lexicon.WORDS[key[0]]
         return {"en": en, "zh": zh}
 
-    def prompt(self, key: Key, lang: str, rng: Random, split: Split) -> str:
-        to_zh, to_en = rng.choice(self.templates[lang][split]).split("|")
-        return (to_zh if key[1] == "to_zh" else to_en).format(**self.fields(key, lang))
+    def prompts(self, key: Key, lang: str, split: Split) -> list[str]:
+        pairs = [t.split("|") for t in self.templates[lang][split]]
+        return [(to_zh if key[1] == "to_zh" else to_en).format(**self.fields(key, lang))
+                for to_zh, to_en in pairs]
 
     def reply_template(self, key: Key, lang: str) -> str:
         if lang == "en":
@@ -123,9 +151,9 @@ class ChitChat(Task):
     def fields(self, key: Key, lang: str) -> dict[str, Any]:
         return {}
 
-    def prompt(self, key: Key, lang: str, rng: Random, split: Split) -> str:
+    def prompts(self, key: Key, lang: str, split: Split) -> list[str]:
         train, held_out, _ = (lexicon.CHAT_EN if lang == "en" else lexicon.CHAT_ZH)[key[0]]
-        return rng.choice(train if split == "train" else held_out)
+        return list(train if split == "train" else held_out)
 
     def reply_template(self, key: Key, lang: str) -> str:
         return (lexicon.CHAT_EN if lang == "en" else lexicon.CHAT_ZH)[key[0]][2]

@@ -45,28 +45,44 @@ WORDS = [
     ("bird", "小鸟"), ("milk", "牛奶"), ("snow", "雪"),
 ]
 
-# Chit-chat: (training prompts, held-out prompts, reply), per language.
+# Chit-chat: (training prompts, held-out prompts, reply), per language. Several phrasings of
+# each intent in training, so a model can learn the intent rather than one sentence; the
+# held-out phrasings never appear in a training file.
 CHAT_EN = [
-    (["Hello!", "Hi!", "Good morning!"], ["Hi there!"], "Hello! How can I help you?"),
-    (["Who are you?", "What is your name?"], ["Tell me who you are."],
+    (["Hello!", "Hi!", "Good morning!", "Hey!", "Hello there!", "Good evening!"],
+     ["Hi there!", "Hey there!"], "Hello! How can I help you?"),
+    (["Who are you?", "What is your name?", "What's your name?", "Introduce yourself.",
+      "Who am I talking to?"], ["Tell me who you are.", "What are you called?"],
      "I am AstrAI, a small assistant that speaks English and Chinese."),
-    (["How are you?", "How are you today?"], ["How is it going?"], "I am fine, thank you!"),
-    (["Thank you!", "Thanks!"], ["Thanks a lot!"], "You are welcome!"),
-    (["Goodbye!", "Bye!"], ["See you later!"], "Goodbye! Have a nice day!"),
-    (["What can you do?", "How can you help me?"], ["What are you good at?"],
+    (["How are you?", "How are you today?", "How are you doing?", "How do you feel?",
+      "Are you well?"], ["How is it going?", "How are things?"], "I am fine, thank you!"),
+    (["Thank you!", "Thanks!", "Thank you very much!", "Many thanks!", "Thanks for your help!"],
+     ["Thanks a lot!", "Thank you so much!"], "You are welcome!"),
+    (["Goodbye!", "Bye!", "See you!", "Bye bye!", "Good night!", "See you soon!"],
+     ["See you later!", "Bye for now!"], "Goodbye! Have a nice day!"),
+    (["What can you do?", "How can you help me?", "What do you do?", "What can you help with?",
+      "What are your skills?"], ["What are you good at?", "What things can you do?"],
      "I can do simple math, name colors and animal sounds, and translate words between English "
      "and Chinese."),
-    (["Do you speak Chinese?"], ["Can you speak Chinese?"], "Yes, I speak English and Chinese."),
+    (["Do you speak Chinese?", "Do you know Chinese?", "Can you talk in Chinese?",
+      "Which languages do you speak?"], ["Can you speak Chinese?", "Do you understand Chinese?"],
+     "Yes, I speak English and Chinese."),
 ]
 CHAT_ZH = [
-    (["你好！", "您好！", "早上好！"], ["嗨，你好！"], "你好！有什么可以帮你的？"),
-    (["你是谁？", "你叫什么名字？"], ["介绍一下你自己。"], "我是 AstrAI，一个会说中文和英文的小助手。"),
-    (["你好吗？", "你今天好吗？"], ["最近怎么样？"], "我很好，谢谢！"),
-    (["谢谢！", "谢谢你！"], ["太感谢了！"], "不客气！"),
-    (["再见！", "拜拜！"], ["回头见！"], "再见！祝你有美好的一天！"),
-    (["你会做什么？", "你能帮我做什么？"], ["你擅长什么？"],
-     "我会做简单的算术，说出颜色和动物的叫声，还会翻译中英文单词。"),
-    (["你会说英语吗？"], ["你能说英语吗？"], "会，我会说中文和英文。"),
+    (["你好！", "您好！", "早上好！", "嗨！", "晚上好！", "哈喽！"], ["嗨，你好！", "你好呀！"],
+     "你好！有什么可以帮你的？"),
+    (["你是谁？", "你叫什么名字？", "你叫什么？", "请做个自我介绍。", "我在和谁说话？"],
+     ["介绍一下你自己。", "你的名字是什么？"], "我是 AstrAI，一个会说中文和英文的小助手。"),
+    (["你好吗？", "你今天好吗？", "你怎么样？", "你还好吗？", "今天过得好吗？"],
+     ["最近怎么样？", "你过得怎么样？"], "我很好，谢谢！"),
+    (["谢谢！", "谢谢你！", "非常感谢！", "多谢！", "谢谢你的帮助！"], ["太感谢了！", "真是谢谢你！"],
+     "不客气！"),
+    (["再见！", "拜拜！", "回见！", "晚安！", "下次见！"], ["回头见！", "明天见！"],
+     "再见！祝你有美好的一天！"),
+    (["你会做什么？", "你能帮我做什么？", "你能做什么？", "你有什么本领？", "你可以帮我什么？"],
+     ["你擅长什么？", "你都会些什么？"], "我会做简单的算术，说出颜色和动物的叫声，还会翻译中英文单词。"),
+    (["你会说英语吗？", "你懂英语吗？", "你会讲英文吗？", "你说哪些语言？"],
+     ["你能说英语吗？", "你会不会说英语？"], "会，我会说中文和英文。"),
 ]
 
 SYSTEM_PROMPTS = {

@@ -1,5 +1,6 @@
-"""Checking replies to the synthetic numeric tasks: the answer extractor and reward functions
-the quickstart's GRPO stage and its evaluation use.
+"""Checking replies to the synthetic numeric tasks: the answer extractor and the checks that
+astrai-train's built-in rewards (`exact_answer`, `format`: its one reward registry) and the
+quickstart's evaluation use.
 
 Every numeric reply ends its first sentence with the answer:
     en: "3 + 4 = 7."  "The bigger number is 12."  "The number after 7 is 8."
@@ -9,7 +10,6 @@ Every numeric reply ends its first sentence with the answer:
 from __future__ import annotations
 
 import re
-from typing import Any
 
 _SENTENCE_END = re.compile(r"[.。!?！？\n]")
 _INTEGER = re.compile(r"-?\d+")
@@ -43,15 +43,3 @@ def format_reward(response: str, lang: str) -> float:
         raise ValueError(f"lang must be 'en' or 'zh', got {lang!r}")
     text = response.strip()
     return 1.0 if any(p.fullmatch(text) for p in CANONICAL[lang]) else 0.0
-
-
-def reward_exact_answer(response: str, item: dict[str, Any]) -> float:
-    """Reward-function form for an online GRPO item ({prompt, answer, lang, ...})."""
-    return exact_answer_reward(response, item["answer"], item.get("lang"))
-
-
-def reward_format(response: str, item: dict[str, Any]) -> float:
-    return format_reward(response, item.get("lang", "en"))
-
-
-REWARD_FUNCTIONS = {"exact_answer": reward_exact_answer, "format": reward_format}

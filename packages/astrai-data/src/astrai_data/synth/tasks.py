@@ -72,9 +72,13 @@ class Task(ABC):
     def template_split(self, split: Split) -> Split:
         return "train" if self.holds_out_keys else split
 
+    def prompts(self, key: Key, lang: str, split: Split) -> list[str]:
+        """Every phrasing of the question `key` in a split (its templates, filled in)."""
+        fields = self.fields(key, lang)
+        return [t.format(**fields) for t in self.templates[lang][self.template_split(split)]]
+
     def prompt(self, key: Key, lang: str, rng: Random, split: Split) -> str:
-        template = rng.choice(self.templates[lang][self.template_split(split)])
-        return template.format(**self.fields(key, lang))
+        return rng.choice(self.prompts(key, lang, split))
 
     def reply(self, key: Key, lang: str, **override: Any) -> str:
         """The canonical reply; `override` replaces fields (how wrong replies are made)."""

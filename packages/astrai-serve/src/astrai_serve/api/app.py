@@ -13,7 +13,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from astrai_serve.api import routes_chat, routes_completions, routes_info
+from astrai_serve.api import routes_chat, routes_completions, routes_info, routes_web
 from astrai_serve.api.auth import APIKeyMiddleware
 from astrai_serve.api.body_limit import BodyLimitMiddleware
 from astrai_serve.api.errors import install_error_handlers
@@ -34,7 +34,7 @@ def create_app(
     Args:
         engine_or_loader: a ready `InferenceEngine` (the caller keeps it and shuts it down), or
             a function that builds one (the app owns it: shut down when the app stops).
-        config: served name, API key, queue and body limits.
+        config: served name, API key, queue and body limits, the chat page on or off.
         on_load_error: called on the event loop if the loader fails (e.g. to stop the server).
     """
     state = ServingState(config or ServerConfig())
@@ -45,6 +45,8 @@ def create_app(
     install_error_handlers(app)
     for module in (routes_chat, routes_completions, routes_info):
         app.include_router(module.router)
+    if state.config.web:
+        routes_web.install(app)
     app.openapi = lambda: _openapi_without_422(app)  # type: ignore[method-assign]
     # The last middleware added runs first: authentication before the body is read.
     app.add_middleware(BodyLimitMiddleware, max_bytes=state.config.max_body_bytes)

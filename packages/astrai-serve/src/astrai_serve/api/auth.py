@@ -2,7 +2,9 @@
 
 A pure ASGI middleware rather than a FastAPI dependency, so an unauthenticated client gets 401
 before anything else happens (its body is not even read, let alone validated). `/health` and
-`/metrics` stay open for probes and scrapers, as in vLLM.
+`/metrics` stay open for probes and scrapers, as in vLLM, and so does the chat page (it asks for
+the key and sends it with its own requests). The scheme name is case-insensitive (RFC 7235,
+section 2.1): `bearer KEY` is as good as `Bearer KEY`; the key itself is compared exactly.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ PROTECTED_PREFIX = "/v1/"
 class APIKeyMiddleware:
     def __init__(self, app: ASGIApp, api_key: str) -> None:
         self.app = app
-        self._expected = f"Bearer {api_key}".encode()
+        self._expected = api_key.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         protected = scope["type"] == "http" and scope["path"].startswith(PROTECTED_PREFIX)
@@ -33,4 +35,7 @@ class APIKeyMiddleware:
 
     def _authorized(self, scope: Scope) -> bool:
         given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
-        return hmac.compare_digest(given.strip(), self._expected)  # constant time
+        scheme, _, token = given.strip().partition(b" ")
+        if scheme.lower() != b"bearer":
+            return False
+        return hmac.compare_digest(token.strip(), self._expected)  # constant time

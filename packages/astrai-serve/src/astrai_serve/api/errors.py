@@ -21,7 +21,7 @@ logger = logging.getLogger("astrai.serve")
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error",
                404: "invalid_request_error", 405: "invalid_request_error",
-               413: "invalid_request_error", 503: "server_error"}
+               413: "invalid_request_error", 501: "server_error", 503: "server_error"}
 
 
 class OpenAIJSONResponse(JSONResponse):

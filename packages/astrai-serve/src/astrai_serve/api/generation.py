@@ -1,11 +1,11 @@
-"""What chat and text completions share: checking the model name and refused fields, turning a
-request into `SamplingParams`, admitting and submitting its sequences, waiting for them, and
-reporting usage and failures."""
+"""What chat and text completions share before their answer takes shape: checking the model
+name and refused fields, turning a request into `SamplingParams`, tokenizing off the event loop,
+and admitting and submitting its sequences (`reply.py` has the rest of the skeleton)."""
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
+import re
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -15,14 +15,15 @@ from fastapi import Request
 from astrai_serve.api.errors import APIError, bad_request, unavailable
 from astrai_serve.api.schemas import SamplingFields, refused_fields
 from astrai_serve.api.state import ServingState
-from astrai_serve.api.watch import WatchGroup
 from astrai_serve.engine import InferenceEngine
-from astrai_serve.request import GenerateResult
-from astrai_serve.sampling import SamplingParams
+from astrai_serve.sampling import GrammarSpec, SamplingParams
+from astrai_serve.scheduler import ContextLengthError
+from astrai_serve.watch import WatchGroup
 
 # Below this a temperature divides logits into overflow; it can only mean greedy (as in vLLM).
 GREEDY_BELOW = 1e-5
 LARGE_TEXT = 32_768  # characters; tokenizing more than this leaves the event loop
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def new_id(prefix: str) -> str:
@@ -49,7 +50,7 @@ def check_request(state: ServingState, body: SamplingFields,
 
 
 def sampling_params(body: SamplingFields, max_tokens: int, logprobs: int | None,
-                    vocab_size: int) -> SamplingParams:
+                    vocab_size: int, grammar: GrammarSpec | None = None) -> SamplingParams:
     temperature = 1.0 if body.temperature is None else body.temperature
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
 
@@ -68,34 +69,72 @@ def sampling_params(body: SamplingFields, max_tokens: int, logprobs: int | None,
             seed=body.seed, stop=stop, stop_token_ids=list(body.stop_token_ids or []),
             ignore_eos=bool(body.ignore_eos),
             logprobs=None if logprobs is None else min(logprobs, vocab_size),
+            grammar=grammar,
         )
     except ValueError as exc:
         raise bad_request(str(exc)) from None
 
 
-def check_prompt(prompt: Sequence[int], engine: InferenceEngine, param: str) -> None:
-    window = engine.scheduler.max_seq_len  # the model's, --max-model-len and the cache's bound
-    if not prompt:
-        raise bad_request("the prompt is empty; give at least one token", param=param)
-    if len(prompt) >= window:
-        raise bad_request(f"the prompt has {len(prompt)} tokens but the context window is "
-                          f"{window} tokens, leaving no room to generate; shorten it",
-                          param=param, code="context_length_exceeded")
+def check_prompts(prompts: Sequence[Sequence[int]], engine: InferenceEngine, param: str) -> None:
+    """The scheduler's own check (`InferenceScheduler.check_prompt`) as a 400, for every prompt
+    before any is submitted."""
+    for prompt in prompts:
+        try:
+            engine.scheduler.check_prompt(prompt)
+        except ContextLengthError as exc:
+            raise bad_request(str(exc), param=param, code="context_length_exceeded") from None
+        except ValueError as exc:
+            raise bad_request(str(exc), param=param) from None
+
+
+def token_budget(asked: int | None, prompts: Sequence[Sequence[int]], engine: InferenceEngine,
+                 param: str, default: int | None = None) -> tuple[int, int | None]:
+    """(max_tokens of each sequence, the limit to report in `usage` or None). `asked` beyond
+    what the context window leaves after the longest prompt is lowered to that room, and the
+    room is reported (`usage.completion_tokens_limit`), so a client sees the clamp instead of
+    guessing; without `asked`, `default` (or the room) applies silently."""
+    check_prompts(prompts, engine, param)
+    room = engine.scheduler.max_seq_len - max(len(p) for p in prompts)  # >= 1 once checked
+    if asked is None:
+        return min(default, room) if default is not None else room, None
+    return (room, room) if asked > room else (asked, None)
+
+
+def check_text(value: Any, param: str) -> None:
+    """400 for a lone surrogate anywhere in `value` (strings in nested lists and dicts): JSON
+    can carry one (a "\\ud83d" escape without its other half) but it is not text, and the
+    tokenizer could only say "TextInputSequence must be str"."""
+    found = _lone_surrogate(value, param)
+    if found is not None:
+        where, index, char = found
+        raise bad_request(
+            f"{where} has a lone surrogate (U+{ord(char):04X}) at character {index}: it is half "
+            "of a UTF-16 pair, not text; send the whole character (e.g. \\ud83d\\ude00 for "
+            "one emoji) or remove it", param=where, code="invalid_text")
+
+
+def _lone_surrogate(value: Any, where: str) -> tuple[str, int, str] | None:
+    if isinstance(value, str):
+        match = _SURROGATE.search(value)
+        return (where, match.start(), match.group()) if match else None
+    items = value.items() if isinstance(value, dict) else enumerate(value) \
+        if isinstance(value, list) else ()
+    for key, item in items:
+        found = _lone_surrogate(item, f"{where}.{key}")
+        if found is not None:
+            return found
+    return None
 
 
 def start_generation(state: ServingState, engine: InferenceEngine, prompts: list[list[int]],
                      params: SamplingParams, n: int, param: str) -> WatchGroup:
-    """Admit and submit `n` sequences per prompt (sample i of a seeded request uses seed + i,
-    as `InferenceEngine.generate_ids` does)."""
-    for prompt in prompts:
-        check_prompt(prompt, engine, param)
-    group = state.open_group(engine, len(prompts) * n)
+    """Admit and submit `n` sequences per prompt (sample i as `params.for_sample(i)`)."""
+    check_prompts(prompts, engine, param)
+    group = state.open_group(engine, len(prompts) * n, "n" if n > 1 else param)
     try:
         for prompt in prompts:
             for i in range(n):
-                seeded = params if params.seed is None or i == 0 else dataclasses.replace(
-                    params, seed=params.seed + i)
-                group.submit(prompt, seeded)
+                group.submit(prompt, params.for_sample(i))
     except ValueError as exc:
         group.close()
         raise bad_request(str(exc), param=param) from None
@@ -106,52 +145,6 @@ def start_generation(state: ServingState, engine: InferenceEngine, prompts: list
         group.close()
         raise
     return group
-
-
-async def _client_gone(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-async def wait_or_disconnect(group: WatchGroup, request: Request) -> bool:
-    """True once every sequence finished; False if the client left first (the caller's
-    `group.close()` then aborts the rest)."""
-    finished = asyncio.ensure_future(group.wait())
-    gone = asyncio.ensure_future(_client_gone(request))
-    try:
-        await asyncio.wait({finished, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        finished.cancel()
-        gone.cancel()
-    return finished.done() and not finished.cancelled()
-
-
-def failure(result: GenerateResult, retry_after_s: int) -> APIError | None:
-    """Why a finished sequence has no proper answer (the engine died or shut down), or None."""
-    if result.error is not None:
-        return unavailable(f"the engine failed during this request: {result.error}",
-                           "engine_failed")
-    if result.finish_reason == "abort":
-        return unavailable("the request was aborted: the server is shutting down", "aborted",
-                           retry_after_s)
-    return None
-
-
-def raise_if_failed(group: WatchGroup, retry_after_s: int) -> None:
-    for watch in group.watches:
-        error = failure(watch.result, retry_after_s)
-        if error is not None:
-            raise error
-
-
-def usage(prompts: list[list[int]], group: WatchGroup, n: int) -> dict[str, Any]:
-    """Token counts: each prompt once (as OpenAI counts n > 1), every generated token id."""
-    prompt_tokens = sum(len(p) for p in prompts)
-    completion = sum(w.result.generated_tokens for w in group.watches)
-    cached = sum(w.result.cached_tokens for w in group.watches[::n])
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-            "total_tokens": prompt_tokens + completion,
-            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def vocab_size(engine: InferenceEngine) -> int:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from astrai_serve.engine import InferenceEngine
+from astrai_serve.quantize import prepare_model
 
 _SIZE = re.compile(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmgt]i?b?|b)?\s*", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9,
@@ -18,13 +19,19 @@ _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 
 @dataclass
 class EngineOptions:
     device: str | None = None  # default: cuda when available, else cpu
-    dtype: str | None = None  # float32 / bfloat16 / float16; default fp32 on CPU, stored on GPU
+    dtype: str | None = None  # auto (None) / float32 / bfloat16 / float16: see `serving_dtype`
     max_batch_size: int = 64
     kv_cache_tokens: int | None = None
     kv_cache_bytes: int | None = None
-    max_model_len: int | None = None
+    max_seq_len: int | None = None
+    quantize: str = "none"  # none / int8 (astrai_serve.quantize)
 
     def __post_init__(self) -> None:
+        from astrai_serve.quantize import QUANTIZE_MODES
+
+        if self.quantize not in QUANTIZE_MODES:
+            raise ValueError(f"unknown --quantize '{self.quantize}'; choose one of: "
+                             f"{', '.join(QUANTIZE_MODES)}")
         if self.kv_cache_tokens is not None and self.kv_cache_bytes is not None:
             raise ValueError("give the KV cache size once: --kv-cache-tokens or "
                              "--kv-cache-memory, not both")
@@ -53,6 +60,22 @@ def check_model_dir(path: Path) -> None:
             f"`cp TOKENIZER_DIR/tokenizer*.json {path}/` with a folder written by "
             "`astrai tokenizer train`, or create the model with "
             "`astrai model init ... --tokenizer TOKENIZER_DIR`")
+    from astrai_core.model.automodel import read_config  # imports torch: only once it is needed
+
+    read_config(path)  # a config.json that is not a model config fails here too
+
+
+def serving_dtype(dtype: str | None, device: str) -> str | None:
+    """The dtype to load weights in. An explicit one wins; "auto" (None) is bf16 on a CPU with
+    native bf16 (AVX512-BF16 or AMX, detected once in astrai_core.capability, shared with
+    training), fp32 on other CPUs (emulated bf16 is far slower), the stored dtype on a GPU."""
+    if dtype not in (None, "auto"):
+        return dtype
+    if device.startswith("cpu"):
+        from astrai_core.capability import compute_dtype
+
+        return str(compute_dtype("cpu")).removeprefix("torch.")
+    return None
 
 
 def load_engine(path: Path, options: EngineOptions | None = None) -> InferenceEngine:
@@ -64,11 +87,12 @@ def load_engine(path: Path, options: EngineOptions | None = None) -> InferenceEn
     check_model_dir(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = AutoModel.from_pretrained(path, dtype=options.dtype, device=device)
+    model = AutoModel.from_pretrained(path, dtype=serving_dtype(options.dtype, device), device=device)
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model "
                          f"only {model.config.vocab_size}; they do not belong together")
+    prepare_model(model, options.quantize)  # before the engine starts: the model never knows
     return InferenceEngine(model, tokenizer, max_batch_size=options.max_batch_size,
-                           max_seq_len=options.max_model_len,
+                           max_seq_len=options.max_seq_len,
                            kv_cache_tokens=options.kv_cache_tokens,
                            kv_cache_bytes=options.kv_cache_bytes)

@@ -78,3 +78,21 @@ def completion_logprobs(entries: Sequence[TokenLogprob], text: TokenText, offset
         out["text_offset"].append(offset)
         offset += len(token)
     return out, offset
+
+
+def prompt_logprobs_legacy(prompt_ids: Sequence[int], entries: Sequence[TokenLogprob | None],
+                           text: TokenText) -> tuple[dict[str, Any], int]:
+    """The echoed prompt in the legacy format: every prompt token, with null for the first
+    token's logprob and top logprobs (nothing predicts it); and the offset after the prompt."""
+    out: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": [],
+                                 "text_offset": []}
+    offset = 0
+    for token_id, entry in zip(prompt_ids, entries, strict=True):
+        token = text(token_id)[0]
+        out["tokens"].append(token)
+        out["token_logprobs"].append(None if entry is None else finite(entry.logprob))
+        out["top_logprobs"].append(
+            None if entry is None else {text(tid)[0]: finite(lp) for tid, lp in entry.top})
+        out["text_offset"].append(offset)
+        offset += len(token)
+    return out, offset

@@ -9,6 +9,7 @@ meaning of the answer: `refused_fields` names those, and the routes refuse them 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 from typing import Annotated, Any, Literal
 
@@ -18,6 +19,7 @@ MAX_N = 16  # choices per request; more would let one request fill the whole bat
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 MAX_STOP = 16
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # torch.Generator's range, with room for seed + i
+MAX_TOOLS = 128  # OpenAI's limit
 
 StopString = Annotated[str, Field(min_length=1)]
 
@@ -35,11 +37,23 @@ class ContentPart(BaseModel):
     text: str | None = None
 
 
+class FunctionCall(APIModel):
+    name: str
+    arguments: str = Field(..., description="The arguments as JSON text of an object.")
+
+
+class MessageToolCall(APIModel):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(APIModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[MessageToolCall] | None = None  # an assistant's calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
     @model_validator(mode="after")
     def _text_only(self) -> ChatMessage:
@@ -61,8 +75,65 @@ class ChatMessage(APIModel):
         message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role,
                                    "content": self.text()}
         if self.tool_calls:
-            message["tool_calls"] = self.tool_calls
+            message["tool_calls"] = [_template_call(call) for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            message["name"] = self.name
         return message
+
+
+def _template_call(call: MessageToolCall) -> dict[str, Any]:
+    """A call as Hugging Face chat templates read it: arguments as an object, not JSON text
+    (Qwen's and Llama's templates apply `tojson` to them)."""
+    try:
+        arguments: Any = json.loads(call.function.arguments)
+    except ValueError:
+        arguments = call.function.arguments
+    function = {"name": call.function.name, "arguments": arguments}
+    return {"id": call.id, "type": "function", "function": function, **function}
+
+
+class FunctionDefinition(APIModel):
+    name: str = Field(..., pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(
+        None, description="A JSON schema of the arguments object (default: no arguments).")
+    strict: bool | None = None
+
+
+class Tool(APIModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(APIModel):
+    name: str
+
+
+class NamedToolChoice(APIModel):
+    type: Literal["function"]
+    function: FunctionName
+
+
+class JSONSchemaFormat(APIModel):
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False, populate_by_name=True)
+    name: str = Field("response", max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema",
+                                           description="The JSON schema (default: any JSON).")
+    strict: bool | None = None
+
+
+class ResponseFormat(APIModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type 'json_schema' needs a json_schema: {'name': ..., 'schema': ...}")
+        return self
 
 
 class StreamOptions(APIModel):
@@ -88,6 +159,8 @@ class SamplingFields(APIModel):
     stream_options: StreamOptions | None = None
     ignore_eos: bool | None = Field(False, description="Keep generating past end-of-sequence.")
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(None, max_length=64)
+    response_format: ResponseFormat | None = Field(
+        None, description="json_object or json_schema: the output is constrained to match.")
 
     @property
     def num_choices(self) -> int:
@@ -103,6 +176,9 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
     @field_validator("top_logprobs")
     @classmethod
@@ -119,6 +195,10 @@ class CompletionRequest(SamplingFields):
     prompt: str | list[str] | TokenIds | list[TokenIds] = Field(
         ..., description="A string, a list of strings, token ids, or a list of token id lists.")
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    echo: bool | None = Field(False, description="Return the prompt before the completion (with "
+                              "its tokens' logprobs when logprobs is set; the first is null).")
+    max_tokens: int | None = Field(None, ge=0, description="0 generates nothing: with echo, "
+                                   "scores the prompt. Default 16.")
 
     @field_validator("prompt")
     @classmethod
@@ -143,15 +223,13 @@ def _empty(value: Any) -> bool:
 
 # Fields OpenAI clients may send that would change the answer if ignored: name -> "harmless?".
 CHAT_REFUSED: dict[str, Callable[[Any], bool]] = {
-    "tools": _empty, "functions": _empty, "logit_bias": _empty, "audio": _empty,
+    "functions": _empty, "logit_bias": _empty, "audio": _empty,
     "prediction": _empty, "web_search_options": _empty,
-    "tool_choice": lambda v: v in (None, "none", "auto"),
     "function_call": lambda v: v in (None, "none", "auto"),
-    "response_format": lambda v: v is None or v == {"type": "text"},
     "modalities": lambda v: v is None or v == ["text"],
 }
 COMPLETION_REFUSED: dict[str, Callable[[Any], bool]] = {
-    "logit_bias": _empty, "echo": _empty, "suffix": lambda v: v in (None, ""),
+    "logit_bias": _empty, "suffix": lambda v: v in (None, ""),
 }
 
 

@@ -1,8 +1,10 @@
 """`serve`: run an app under uvicorn until SIGTERM or Ctrl-C, then shut down cleanly.
 
-On the signal uvicorn stops accepting connections, lets requests in flight finish for up to
-`shutdown_timeout` seconds and cancels the rest (their streams end, their sequences are
-aborted), then the app's lifespan shuts the engine down. uvicorn re-raises the signal once it
+On the signal uvicorn stops accepting connections and lets requests in flight finish for up to
+`shutdown_timeout` seconds. `DrainingServer` tells the app when that starts, so the app aborts
+what is still running just before the timeout and every answer ends properly (an error event
+and `[DONE]` for a stream, a 503 for a whole answer) instead of being cancelled mid-response by
+uvicorn; then the app's lifespan shuts the engine down. uvicorn re-raises the signal once it
 is done, to the handler that was installed before it started; a no-op one is installed here,
 so a requested shutdown ends the process with exit code 0, not as killed by the signal.
 """
@@ -12,12 +14,24 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
+import socket
 from collections.abc import Callable, Iterator
 
 import uvicorn
 from fastapi import FastAPI
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server that starts the app's drain (`ServingState.drain`) when it shuts down,
+    whether a signal or `should_exit` asked for it."""
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        state = getattr(getattr(self.config.app, "state", None), "serving", None)
+        if state is not None:
+            state.drain(self.config.timeout_graceful_shutdown)
+        await super().shutdown(sockets)
 
 
 @contextlib.contextmanager
@@ -62,7 +76,7 @@ def serve(
     _log_like_uvicorn(log_level)
     config = uvicorn.Config(build_app(on_fatal), host=host, port=port, log_level=log_level,
                             timeout_graceful_shutdown=shutdown_timeout, access_log=False)
-    holder.append(uvicorn.Server(config))
+    holder.append(DrainingServer(config))
     with _signals_end_quietly():
         holder[0].run()
     if fatal:

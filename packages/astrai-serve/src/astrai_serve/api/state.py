@@ -1,21 +1,26 @@
 """`ServerConfig` (what `astrai serve` was told) and `ServingState` (what the app knows now:
-the engine once loaded, a load error, and how many sequences are admitted)."""
+the engine once loaded, a load error, how many sequences are admitted, the grammar compiler, and
+whether the server is draining for shutdown)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from astrai_serve.api.errors import APIError, unavailable
+from astrai_serve.api.errors import APIError, bad_request, unavailable
 from astrai_serve.api.logprobs import TokenText
 from astrai_serve.api.metrics import Metrics
-from astrai_serve.api.watch import LoopWaker, WatchGroup
+from astrai_serve.constrained import GrammarCompiler
 from astrai_serve.engine import InferenceEngine
+from astrai_serve.watch import LoopWaker, WatchGroup
 
 logger = logging.getLogger("astrai.serve")
+
+DRAIN_MARGIN_S = 2.0  # abort this long before the shutdown timeout, so answers can still end
 
 
 @dataclass
@@ -25,6 +30,7 @@ class ServerConfig:
     max_waiting: int = 256  # sequences that may wait beyond the running batch; more get 503
     max_body_bytes: int = 4 << 20
     retry_after_s: int = 1  # the Retry-After hint on 503 while busy or loading
+    web: bool = True  # serve the chat page at GET /
 
     def __post_init__(self) -> None:
         if self.max_waiting < 0:
@@ -46,6 +52,9 @@ class ServingState:
         self.created = int(time.time())
         self.metrics = Metrics(lambda: self.engine)
         self._waker: LoopWaker | None = None
+        self._groups: set[WatchGroup] = set()  # open ones, aborted if the drain runs out
+        self._grammars: GrammarCompiler | None = None
+        self._grammars_lock = asyncio.Lock()
 
     async def load(self, loader: Callable[[], InferenceEngine],
                    on_error: Callable[[BaseException], None] | None) -> None:
@@ -90,10 +99,18 @@ class ServingState:
         assert self.engine is not None
         return self.engine
 
-    def open_group(self, engine: InferenceEngine, sequences: int) -> WatchGroup:
-        """Admit `sequences` more engine requests, or refuse with 503 + Retry-After when the
-        batch and the waiting room are both full."""
-        room = engine.max_batch_size + self.config.max_waiting - self.in_flight
+    def open_group(self, engine: InferenceEngine, sequences: int, param: str) -> WatchGroup:
+        """Admit `sequences` more engine requests: 400 if they could never all be held at once
+        (`param` names the field that asked for them), 503 + Retry-After when the batch and
+        the waiting room are too full for them now."""
+        capacity = engine.max_batch_size + self.config.max_waiting
+        if sequences > capacity:
+            raise bad_request(
+                f"this request needs {sequences} sequences at once but the server holds at "
+                f"most {capacity} ({engine.max_batch_size} running + {self.config.max_waiting} "
+                "waiting, --max-batch-size and --max-waiting); send fewer prompts or a "
+                "smaller n", param=param, code="too_many_sequences")
+        room = capacity - self.in_flight
         if sequences > room:
             raise unavailable(f"the server is busy ({self.in_flight} sequences in flight); "
                               "retry shortly", "queue_full", self.config.retry_after_s)
@@ -101,9 +118,46 @@ class ServingState:
         loop = asyncio.get_running_loop()
         if self._waker is None or self._waker.loop is not loop:
             self._waker = LoopWaker(loop)
-        return WatchGroup(engine, sequences, self._waker, self._close_group)
+        group = WatchGroup(engine, self._waker, self._close_group, reserved=sequences)
+        self._groups.add(group)
+        return group
 
     def _close_group(self, group: WatchGroup) -> None:
+        self._groups.discard(group)
         self.in_flight -= group.reserved
         for watch in group.watches:
             self.metrics.observe(watch.result, watch.token_times)
+
+    # -- shutdown ------------------------------------------------------------------------------
+    def drain(self, grace_s: float | None) -> None:
+        """The server is stopping (SIGTERM, Ctrl-C): refuse new requests from now on, and abort
+        the sequences still running shortly before uvicorn would cut their connections after
+        `grace_s` seconds, so each answer still ends properly (a stream with an error event and
+        `[DONE]`, a whole answer as a 503) instead of being cancelled mid-response."""
+        self.stopping = True
+        if grace_s is None:
+            return  # no deadline: everything may finish
+        margin = min(DRAIN_MARGIN_S, grace_s / 2)
+        asyncio.get_running_loop().call_later(grace_s - margin, self._abort_open)
+
+    def _abort_open(self) -> None:
+        for group in list(self._groups):
+            for watch in group.watches:
+                if not watch.result.done:
+                    with contextlib.suppress(RuntimeError):  # the engine already stopped
+                        group.engine.abort(watch.result.request_id)
+
+    # -- constrained decoding ------------------------------------------------------------------
+    async def grammar_compiler(self, engine: InferenceEngine) -> GrammarCompiler:
+        """The engine's grammar compiler, built on first use (a large vocabulary takes a
+        second) in a worker thread. `GrammarUnavailable` if llguidance is not installed."""
+        async with self._grammars_lock:
+            if self._grammars is None:
+                tokenizer = engine.tokenizer
+                stop_ids = {*(getattr(tokenizer, "stop_ids", None) or [])}
+                if getattr(tokenizer, "eos_id", None) is not None:
+                    stop_ids.add(tokenizer.eos_id)
+                vocab = int(engine.model.config.vocab_size)
+                self._grammars = await asyncio.to_thread(GrammarCompiler, tokenizer, vocab,
+                                                         sorted(stop_ids))
+            return self._grammars

@@ -93,13 +93,11 @@ class KVCache:
             self._pool.free(idx)
 
     def task_cached(self, task_id: TaskId) -> int:
+        """Tokens of the task's prompt that `task_alloc` found in the prefix cache."""
         return self._table.get_cached(task_id)
 
     def task_pages(self, task_id: TaskId) -> list[int]:
         return self._table.get_ref(task_id)
-
-    def has_task(self, task_id: TaskId) -> bool:
-        return task_id in self._table
 
     def task_record_hashes(self, task_id: TaskId, token_ids: Sequence[int], n_computed: int) -> None:
         """Index the task's full pages among its first `n_computed` tokens (their K/V written)."""
@@ -120,6 +118,7 @@ class KVCache:
 
     # -- forward ----------------------------------------------------------------------------
     def make_table_tensor(self, task_ids: Sequence[TaskId], device: torch.device | str) -> torch.Tensor:
+        """(B, longest page table) physical page ids of the tasks, padded with page 0."""
         return self._table.table_tensor(task_ids, device)
 
     def bind(self, task_ids: Sequence[TaskId], starts: Sequence[int], n_new: int) -> KvcacheView:

@@ -25,6 +25,7 @@ from itertools import pairwise
 import torch
 import torch.nn.functional as F
 
+from astrai_core.model import causal_mask
 from astrai_serve.kvcache.storage import Storage
 
 GROUP_RATIO = 0.75  # a decode row joins a group while it needs this share of its longest row's pages
@@ -65,20 +66,29 @@ class PackedView:
         device = storage.device
         self._fresh = not decode and all(s.start == 0 for s in prefill)
         self._new: tuple[torch.Tensor, torch.Tensor] | None = None
-        positions = [s.start for s in decode] + [p for s in prefill for p in range(s.start, s.start + s.n_new)]
-        self.position_ids = torch.tensor(positions, dtype=torch.long, device=device)[None]  # (1, N)
-        self._slots = self._token_slots(decode, prefill)
+        positions, slots = self._token_layout(decode, prefill)
         pages: list[int] = []
         self._groups = self._plan_decode(decode, pages)
         self._chunks = self._plan_prefill(prefill, pages, q_off=len(decode))
-        self._pages = torch.tensor(pages, dtype=torch.long, device=device)
+        # One host-to-device copy for the step's three index tensors, then views into it.
+        n = len(positions)
+        flat = torch.tensor(positions + slots + pages, dtype=torch.long, device=device)
+        self.position_ids = flat[:n][None]  # (1, N)
+        self._slots = flat[n : 2 * n]
+        self._pages = flat[2 * n :]
 
     # -- layout ------------------------------------------------------------------------------
-    def _token_slots(self, decode: Sequence[Segment], prefill: Sequence[Segment]) -> torch.Tensor:
-        ps, slots = self._storage.page_size, []
-        for seg in [*decode, *prefill]:
-            slots += [seg.pages[p // ps] * ps + p % ps for p in range(seg.start, seg.start + seg.n_new)]
-        return torch.tensor(slots, dtype=torch.long, device=self._storage.device)
+    def _token_layout(self, decode: Sequence[Segment], prefill: Sequence[Segment]
+                      ) -> tuple[list[int], list[int]]:
+        """Each new token's position and flat cache slot (page * page_size + offset)."""
+        ps = self._storage.page_size
+        positions = [s.start for s in decode]
+        slots = [s.pages[s.start // ps] * ps + s.start % ps for s in decode]
+        for seg in prefill:
+            span = range(seg.start, seg.start + seg.n_new)
+            positions += span
+            slots += [seg.pages[p // ps] * ps + p % ps for p in span]
+        return positions, slots
 
     def _plan_decode(self, decode: Sequence[Segment], pages: list[int]) -> list[_DecodeGroup]:
         ps, groups, i = self._storage.page_size, [], 0
@@ -110,8 +120,7 @@ class PackedView:
                 pages += seg.pages[: -(-length // ps)]
             mask = None
             if seg.n_new != length:  # bottom-right causal: query i sees keys up to start + i
-                mask = torch.ones(seg.n_new, length, dtype=torch.bool,
-                                  device=self._storage.device).tril(seg.start)
+                mask = causal_mask(seg.n_new, length, self._storage.device)
             chunks.append(_Chunk(q_off, seg.n_new, k_off, length, mask))
             q_off += seg.n_new
         return chunks

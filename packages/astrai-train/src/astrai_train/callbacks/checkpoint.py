@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from astrai_core import remove_stale_temps
 from astrai_train.callbacks.base import TrainCallback
 from astrai_train.callbacks.factory import CallbackFactory
 from astrai_train.resume import (
@@ -12,7 +13,6 @@ from astrai_train.resume import (
     checkpoint_name,
     find_latest_checkpoint,
     prune_checkpoints,
-    remove_stale_temp_dirs,
 )
 
 if TYPE_CHECKING:
@@ -40,7 +40,7 @@ class CheckpointCallback(TrainCallback):
 
     def on_train_begin(self, context: TrainContext) -> None:
         if context.is_main_process:
-            remove_stale_temp_dirs(self.save_dir)
+            remove_stale_temps(self.save_dir)  # of killed runs; a live writer's stay
         context.last_checkpoint = find_latest_checkpoint(self.save_dir)
         self._saved_step = context.iteration if context.checkpoint is not None else None
 

@@ -8,8 +8,11 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from astrai_train.callbacks.base import TrainCallback
 from astrai_train.callbacks.factory import CallbackFactory
+from astrai_train.plots import plot_loss_curve
 
 if TYPE_CHECKING:
     from astrai_train.context import TrainContext
@@ -24,22 +27,6 @@ def tensorboard_writer(log_dir: Path) -> Any | None:
     except ImportError:  # tensorboard is optional
         return None
     return SummaryWriter(log_dir=str(log_dir / "tensorboard"))
-
-
-def plot_loss_curve(records: list[dict[str, Any]], path: Path) -> bool:
-    """Write the loss curve as a PNG; False when matplotlib is not installed."""
-    try:
-        from matplotlib.figure import Figure  # no pyplot: no global backend or figure state
-    except ImportError:
-        return False
-    fig = Figure(figsize=(7, 4), dpi=100)
-    ax = fig.subplots()
-    ax.plot([r["step"] for r in records], [r["loss"] for r in records], linewidth=1.2)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss")
-    ax.grid(alpha=0.3)
-    fig.savefig(path)
-    return True
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
@@ -110,8 +97,10 @@ class MetricLoggerCallback(TrainCallback):
                   "lr": context.lr, "grad_norm": context.grad_norm, "tokens": context.tokens_seen,
                   "tokens_per_s": (context.tokens_seen - tokens_prev) / max(now - t_prev, 1e-9),
                   "elapsed_s": now - self._start}
-        # The one sync for strategy statistics, at logging time only.
-        record.update({k: float(v) for k, v in context.step_metrics.items()})
+        # The one sync for strategy statistics, at logging time only; a metric with several
+        # values (the MoE tokens per expert) is logged as a (nested) list.
+        record.update({k: v.tolist() if isinstance(v, torch.Tensor) and v.numel() > 1 else float(v)
+                       for k, v in context.step_metrics.items()})
         return record
 
     def _log(self, context: TrainContext) -> None:
@@ -120,7 +109,7 @@ class MetricLoggerCallback(TrainCallback):
             f.write(json.dumps(record) + "\n")
         if self._writer is not None:
             for key, value in record.items():
-                if key not in ("step", "epoch"):
+                if key not in ("step", "epoch") and not isinstance(value, list):
                     self._writer.add_scalar(f"train/{key}", value, context.iteration)
         self._logged_step = context.iteration
 

@@ -56,7 +56,7 @@ def train_spawned(opts: LaunchOptions, config: TrainConfig,
         spawn_parallel_fn(train_worker, config.nprocs, opts,
                           str(checkpoint_dir) if checkpoint_dir is not None else None,
                           summary_file, backend=config.backend, master_addr=config.master_addr,
-                          master_port=config.master_port, device_type=config.device_type,
+                          master_port=config.master_port, device_type=config.device,
                           timeout_s=config.dist_timeout_s)
         values: dict[str, Any] = json.loads(Path(summary_file).read_text())
     return RunSummary(**values)

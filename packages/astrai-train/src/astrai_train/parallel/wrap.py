@@ -134,8 +134,10 @@ def tensor_parallel_grad_norm(model: nn.Module) -> torch.Tensor | None:
     sharded |= {id(m.bias) for m in layers
                 if isinstance(m, ColumnParallelLinear) and m.bias is not None}
     grads = {id(p): p.grad for p in model.parameters() if p.grad is not None}
-    zero = torch.zeros((), device=next(model.parameters()).device)
-    local = sum((g.float().square().sum() for i, g in grads.items() if i in sharded), zero)
-    replicated = sum((g.float().square().sum() for i, g in grads.items() if i not in sharded), zero)
+    first = next(model.parameters())
+    acc = torch.promote_types(first.dtype, torch.float32)  # bf16 sums in fp32; fp64 stays fp64
+    zero = torch.zeros((), dtype=acc, device=first.device)
+    local = sum((g.to(acc).square().sum() for i, g in grads.items() if i in sharded), zero)
+    replicated = sum((g.to(acc).square().sum() for i, g in grads.items() if i not in sharded), zero)
     dist.all_reduce(local, group=layers[0].process_group)
     return (local + replicated).sqrt()

@@ -9,10 +9,11 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from astrai_train.cli import EXIT_STOPPED
 from astrai_train.quickstart.config import QuickstartConfig
 
 HELP = """Train a bilingual (English and Chinese) chat model end to end on a CPU, in about five
-minutes on two cores: synthetic corpus, tokenizer, pretraining of the `small` preset, SFT, DPO,
+minutes on two cores: synthetic corpus, tokenizer, pretraining of the `mini` preset, SFT, DPO,
 online GRPO on verifiable arithmetic, a held-out evaluation table, sample chats, and a servable
 model folder OUT/final.
 
@@ -32,7 +33,7 @@ def quickstart_cmd(
     out: Path = typer.Option(Path("runs/quickstart"), "--out", help="Folder of every stage's output."),
     steps_scale: float = typer.Option(1.0, "--steps-scale", help="Multiply every stage's steps (0.05: smoke test; 4: longer run)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the corpus, the initial weights, sampling and data order."),
-    preset: str = typer.Option("small", "--preset", help="Model shape (tiny, small, ...); the vocabulary follows the tokenizer."),
+    preset: str = typer.Option("mini", "--preset", help="Model shape (mini, small, tiny, ...); the vocabulary follows the tokenizer."),
     corpus_size: int = typer.Option(2000, "--corpus-size", help="SFT chats in the synthetic corpus (other files scale with it)."),
     eval_limit: int | None = typer.Option(None, "--eval-limit", help="Held-out records per evaluation file (default: all)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Delete OUT and start again."),
@@ -52,7 +53,7 @@ def quickstart_cmd(
         # The stage in progress saved a checkpoint on the way out (the trainer's signal handler).
         console.print(f"\ninterrupted; run the same command again to continue where it stopped "
                       f"(finished stages in {out} are kept)")
-        raise typer.Exit(130) from None
+        raise typer.Exit(EXIT_STOPPED) from None
     command = f"astrai serve {result.final}"
     console.print(f"\n[bold green]done.[/] Serve the model with:\n\n    {command}\n\n"
                   f"or chat in the terminal: astrai chat {result.final}")

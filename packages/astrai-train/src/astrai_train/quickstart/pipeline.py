@@ -1,10 +1,10 @@
 """`run_quickstart`: corpus -> tokenizer -> pretrain -> SFT -> DPO -> online GRPO, each stage
-evaluated on the held-out split, then sample chats and the servable `final` folder."""
+evaluated on the held-out split (and the random initial weights before them), then sample
+chats, the learning curves and the servable `final` folder."""
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -16,15 +16,13 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from astrai_core import AutoModel, AutoTokenizer
+from astrai_core import AutoModel, AutoTokenizer, atomic_dir, atomic_file
+from astrai_train.callbacks.metrics import METRICS_FILE, read_records
+from astrai_train.evaluation import HeldOutScores, HeldOutSet, greedy_replies, score_model
+from astrai_train.launch import preset_model
 from astrai_train.parallel import get_current_device
+from astrai_train.plots import PLOT_HINT, plot_stage_curves
 from astrai_train.quickstart.config import STAGES, QuickstartConfig
-from astrai_train.quickstart.evaluate import (
-    StageMetrics,
-    evaluate_stage,
-    greedy_replies,
-    read_jsonl,
-)
 from astrai_train.quickstart.report import (
     markdown_table,
     results_table,
@@ -37,23 +35,26 @@ from astrai_train.rl import build_reward, require_serve
 
 SETTINGS_FILE = "quickstart.json"
 RESULTS_FILE = "results.json"
+CURVES_FILE = "curves.png"
 MODEL_FILES = ("config.json", "model.safetensors", "generation_config.json", *TOKENIZER_FILES)
-SAMPLES_PER_LANG = 3
+SAMPLE_TASKS = ("arithmetic", "translate", "chat")  # the sample chats: one of each
 
 
 @dataclass
 class QuickstartResult:
     out: Path
     final: Path
-    metrics: list[StageMetrics] = field(default_factory=list)
+    metrics: list[HeldOutScores] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     samples: list[dict[str, Any]] = field(default_factory=list)
     compression: dict[str, float] = field(default_factory=dict)
+    curves: Path | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"final": str(self.final), "metrics": [m.to_dict() for m in self.metrics],
                 "seconds": self.seconds, "samples": self.samples,
                 "tokenizer_chars_per_token": self.compression,
+                "curves": str(self.curves) if self.curves else None,
                 "markdown_table": markdown_table(self.metrics)}
 
 
@@ -74,7 +75,8 @@ def check_settings(cfg: QuickstartConfig, overwrite: bool) -> None:
         raise FileExistsError(f"{cfg.out} exists and is not a quickstart folder; choose another "
                               "--out, or pass --overwrite to replace it")
     cfg.out.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(cfg.fingerprint(), indent=2) + "\n")
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(cfg.fingerprint(), indent=2) + "\n")
 
 
 class StageClock:
@@ -101,14 +103,10 @@ class StageClock:
 
 def publish_final(checkpoint: Path, final: Path) -> Path:
     """Copy the model and tokenizer files (not the optimizer state) into `final`, atomically."""
-    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for name in MODEL_FILES:
-        if (checkpoint / name).is_file():
-            shutil.copy2(checkpoint / name, tmp / name)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    with atomic_dir(final) as tmp:
+        for name in MODEL_FILES:
+            if (checkpoint / name).is_file():
+                shutil.copy2(checkpoint / name, tmp / name)
     return final
 
 
@@ -118,10 +116,21 @@ def load_stage_model(checkpoint: Path) -> torch.nn.Module:
 
 def sample_chats(model: torch.nn.Module, tokenizer: Any, chats: list[dict[str, Any]],
                  max_new_tokens: int) -> list[dict[str, Any]]:
-    picked = [c for lang in ("en", "zh") for c in [c for c in chats if c["lang"] == lang][:SAMPLES_PER_LANG]]
+    """Greedy replies to a few held-out questions of different tasks, per language."""
+    picked = []
+    for lang in ("en", "zh"):
+        for task in SAMPLE_TASKS:
+            picked += [c for c in chats if c["lang"] == lang and c["task"] == task][:1]
     replies = greedy_replies(model, tokenizer, [c["messages"][:-1] for c in picked], max_new_tokens)
     return [{"lang": c["lang"], "user": c["messages"][-2]["content"], "model": r,
              "reference": c["messages"][-1]["content"]} for c, r in zip(picked, replies, strict=True)]
+
+
+def stage_curves(cfg: QuickstartConfig) -> Path | None:
+    """One PNG of every stage's loss (and GRPO's reward) per step, next to results.json."""
+    logs = {name: read_records(cfg.out / name / "logs" / METRICS_FILE) for name in STAGES}
+    path = cfg.out / CURVES_FILE
+    return path if plot_stage_curves(logs, path, title="astrai quickstart") else None
 
 
 def run_quickstart(cfg: QuickstartConfig, console: Console | None = None,
@@ -139,28 +148,45 @@ def run_quickstart(cfg: QuickstartConfig, console: Console | None = None,
     with clock.stage("datasets", "tokenize the training files"):
         data = {s: make_dataset(cfg, cfg.plan(s), corpus, tok_dir) for s in STAGES}
     reward = build_reward(cfg.rewards)
-    chats = read_jsonl(corpus / "eval_sft.jsonl", cfg.eval_limit)
-    prompts = read_jsonl(corpus / "eval_grpo.jsonl", cfg.eval_limit)
+    held_out = HeldOutSet.load(corpus, cfg.eval_limit)
     result = QuickstartResult(out=cfg.out, final=cfg.out / "final", compression=compression)
+    beta = cfg.plan("dpo").values.get("dpo_beta", 0.1)
+
+    def evaluate(stage: str, model: torch.nn.Module, reference: torch.nn.Module | None,
+                 generate: bool = True) -> None:
+        start = time.perf_counter()
+        scores = score_model(stage, model, tokenizer, held_out, reward, cfg.max_new_tokens,
+                             reference=reference, beta=beta, generate=generate)
+        result.metrics.append(scores)
+        clock.add("evaluation", time.perf_counter() - start)
+        console.print(results_table(result.metrics[-1:]))
+
+    # The random weights pretraining starts from: where the held-out loss starts.
+    evaluate("init", preset_model(cfg.preset, tok_dir, cfg.seed).eval(), None, generate=False)
     previous: Path | None = None
+    reference: torch.nn.Module | None = None  # the SFT model: DPO's and GRPO's reference
     for name in STAGES:
         plan = cfg.plan(name)
         with clock.stage(name, f"{plan.strategy}, {plan.steps} steps of {plan.batch_size}"):
             previous = train_stage(cfg, plan, data[name], tok_dir, previous)
-        start = time.perf_counter()
         model = load_stage_model(previous)
-        metrics = evaluate_stage(name, model, tokenizer, chats, prompts, reward, cfg.max_new_tokens)
-        result.metrics.append(metrics)
-        clock.add("evaluation", time.perf_counter() - start)
-        console.print(results_table(result.metrics[-1:]))
+        evaluate(name, model, reference)
+        if name == "sft":
+            reference = model
+            result.metrics[-1].margin = dict.fromkeys(result.metrics[-1].preference, 0.0)
     assert previous is not None
-    with clock.stage("final", "sample chats and the servable folder"):
+    with clock.stage("final", "sample chats, learning curves and the servable folder"):
         publish_final(previous, result.final)
-        result.samples = sample_chats(model, tokenizer, chats, cfg.max_new_tokens)
+        result.samples = sample_chats(model, tokenizer, held_out.chats, cfg.max_new_tokens)
+        result.curves = stage_curves(cfg)
     result.seconds = clock.seconds
-    (cfg.out / RESULTS_FILE).write_text(json.dumps(result.to_dict(), ensure_ascii=False, indent=2) + "\n")
+    with atomic_file(cfg.out / RESULTS_FILE) as tmp:
+        tmp.write_text(json.dumps(result.to_dict(), ensure_ascii=False, indent=2) + "\n")
     console.print(times_table(result.seconds))
     console.print(results_table(result.metrics))
     console.print(samples_table(result.samples))
+    if result.curves is not None:
+        console.print(f"learning curves: {result.curves}")
+    else:
+        console.print(f"learning curves: not drawn; {PLOT_HINT}")
     return result
-

@@ -7,37 +7,44 @@ from typing import Any
 
 from rich.table import Table
 
-from astrai_train.quickstart.evaluate import LANGS, StageMetrics
+from astrai_train.evaluation import LANGS, HeldOutScores
+
+# (header, HeldOutScores attribute, digits, percent)
+COLUMNS = (("loss", "loss", 3, False), ("accuracy", "accuracy", 1, True),
+           ("pref. acc.", "preference", 1, True), ("margin", "margin", 2, False),
+           ("reward", "reward", 3, False))
 
 
 def _fmt(value: float | None, digits: int, percent: bool = False) -> str:
     if value is None:
         return "-"
-    return f"{100 * value:.1f}%" if percent else f"{value:.{digits}f}"
+    return f"{100 * value:.{digits}f}%" if percent else f"{value:.{digits}f}"
 
 
-def results_table(rows: Sequence[StageMetrics]) -> Table:
+def _cells(row: HeldOutScores) -> list[str]:
+    return [_fmt(getattr(row, attr).get(lang), digits, percent)
+            for _, attr, digits, percent in COLUMNS for lang in LANGS]
+
+
+def _headers() -> list[str]:
+    return [f"{label} {lang}" for label, *_ in COLUMNS for lang in LANGS]
+
+
+def results_table(rows: Sequence[HeldOutScores]) -> Table:
     table = Table(title="held-out evaluation (greedy replies)")
     table.add_column("stage")
-    for label in ("loss", "accuracy", "reward"):
-        for lang in LANGS:
-            table.add_column(f"{label} {lang}", justify="right")
-    for m in rows:
-        table.add_row(m.stage, *[_fmt(m.loss.get(lang), 3) for lang in LANGS],
-                      *[_fmt(m.accuracy.get(lang), 1, percent=True) for lang in LANGS],
-                      *[_fmt(m.reward.get(lang), 3) for lang in LANGS])
+    for header in _headers():
+        table.add_column(header, justify="right")
+    for row in rows:
+        table.add_row(row.stage, *_cells(row))
     return table
 
 
-def markdown_table(rows: Sequence[StageMetrics]) -> str:
+def markdown_table(rows: Sequence[HeldOutScores]) -> str:
     """The same table in Markdown (README and docs/benchmarks.md quote it)."""
-    head = ["stage"] + [f"{label} {lang}" for label in ("loss", "accuracy", "reward") for lang in LANGS]
+    head = ["stage", *_headers()]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for m in rows:
-        cells = [m.stage, *[_fmt(m.loss.get(lang), 3) for lang in LANGS],
-                 *[_fmt(m.accuracy.get(lang), 1, percent=True) for lang in LANGS],
-                 *[_fmt(m.reward.get(lang), 3) for lang in LANGS]]
-        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["| " + " | ".join([row.stage, *_cells(row)]) + " |" for row in rows]
     return "\n".join(lines)
 
 

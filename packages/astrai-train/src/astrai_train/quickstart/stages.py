@@ -65,10 +65,10 @@ def stage_values(cfg: QuickstartConfig, plan: StagePlan, tokenizer: Path) -> dic
     Ctrl-C), metrics every few steps."""
     return {"strategy": plan.strategy, "max_steps": plan.steps, "n_epoch": 1000,
             "batch_size": plan.batch_size, "learning_rate": plan.learning_rate,
-            "warmup_steps": plan.warmup_steps, "random_seed": cfg.seed,
-            "ckpt_dir": str(cfg.out / plan.name), "ckpt_interval": plan.steps, "keep_last": 1,
-            "log_interval": max(1, min(10, plan.steps // 4)), "progress_bar": cfg.progress,
-            "tokenizer_dir": str(tokenizer), "device_type": "auto", **online_values(cfg, plan),
+            "warmup_steps": plan.warmup_steps, "seed": cfg.seed,
+            "out": str(cfg.out / plan.name), "ckpt_interval": plan.steps, "keep_last": 1,
+            "log_interval": max(1, min(10, plan.steps // 4)), "progress": cfg.progress,
+            "tokenizer": str(tokenizer), "device": "auto", **online_values(cfg, plan),
             **plan.values}
 
 
@@ -76,9 +76,9 @@ def online_values(cfg: QuickstartConfig, plan: StagePlan) -> dict[str, Any]:
     """The GRPO stage samples from the live policy and scores with the corpus's rewards."""
     if plan.strategy != "grpo":
         return {}
-    return {"grpo_online": True, "grpo_reward": ",".join(cfg.rewards),
-            "grpo_group_size": cfg.group_size, "grpo_max_new_tokens": cfg.max_new_tokens,
-            "grpo_temperature": cfg.temperature}
+    return {"online": True, "reward": ",".join(cfg.rewards),
+            "grpo_group_size": cfg.group_size, "rollout_max_tokens": cfg.max_new_tokens,
+            "rollout_temperature": cfg.temperature}
 
 
 def train_stage(cfg: QuickstartConfig, plan: StagePlan, data: Path, tokenizer: Path,
@@ -90,7 +90,7 @@ def train_stage(cfg: QuickstartConfig, plan: StagePlan, data: Path, tokenizer: P
     if done is not None:
         return done
     opts = LaunchOptions(out=folder, data=data, model=init, preset=None if init else cfg.preset,
-                         window_size=plan.window_size, values=stage_values(cfg, plan, tokenizer))
+                         max_seq_len=plan.max_seq_len, values=stage_values(cfg, plan, tokenizer))
     latest = list_checkpoints(folder)
     checkpoint = Checkpoint.load(latest[-1][1]) if latest else None  # resume an interrupted stage
     config: TrainConfig = build_config(opts)

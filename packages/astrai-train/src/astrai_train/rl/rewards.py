@@ -23,7 +23,7 @@ def exact_answer(prompt: str, response: str, *, answer: str | None = None,
     """1.0 when the reply's answer (last number of its first sentence) equals `answer`."""
     if answer is None:
         raise ValueError("the exact_answer reward needs an 'answer' in each prompt item; "
-                         "online GRPO files from `astrai data prepare --kind grpo` have one")
+                         "online GRPO files from `astrai data prepare --strategy grpo` have one")
     return exact_answer_reward(response, answer, lang)
 
 

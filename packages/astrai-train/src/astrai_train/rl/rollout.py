@@ -41,6 +41,8 @@ class RolloutConfig:
     # which ties the step they run in to thread timing; without it a seeded rollout is
     # reproducible bit for bit. Turn it on for long shared prompts.
     enable_prefix_cache: bool = False
+    # GRPO's ratio needs the sampling policy's log-probs; online DPO does not (one forward less).
+    old_log_probs: bool = True
 
     def __post_init__(self) -> None:
         if self.group_size < 2:
@@ -111,7 +113,7 @@ class EngineRolloutSource:
             cfg = self.config
             self._engine = self.serve.InferenceEngine(
                 model, self.tokenizer, max_batch_size=cfg.max_batch_size,
-                kv_cache_tokens=cfg.max_batch_size * min(model.config.max_len, 256 + cfg.max_new_tokens),
+                kv_cache_tokens=cfg.max_batch_size * min(model.config.max_seq_len, 256 + cfg.max_new_tokens),
                 enable_prefix_cache=cfg.enable_prefix_cache)
             self._engine_model = model
         return self._engine
@@ -127,12 +129,13 @@ class EngineRolloutSource:
         try:
             rollouts = self.sample(prompts, model)
             batch = self.to_batch(rollouts, len(prompts))
-            device = next(model.parameters()).device
-            with torch.no_grad():
-                B, G, T = batch["input_ids"].shape
-                old = token_log_probs(model, batch["input_ids"].view(B * G, T).to(device),
-                                      batch["labels"].view(B * G, T).to(device))
-            batch["old_log_probs"] = old.view(B, G, T).cpu()
+            if self.config.old_log_probs:
+                device = next(model.parameters()).device
+                with torch.no_grad():
+                    B, G, T = batch["input_ids"].shape
+                    old = token_log_probs(model, batch["input_ids"].view(B * G, T).to(device),
+                                          batch["labels"].view(B * G, T).to(device))
+                batch["old_log_probs"] = old.view(B, G, T).cpu()
         finally:
             model.train(was_training)
         self.calls += 1

@@ -4,6 +4,7 @@ from astrai_train.schedulers.base import BaseScheduler
 from astrai_train.schedulers.cosine import ConstantScheduler, CosineScheduler
 from astrai_train.schedulers.factory import SchedulerFactory
 from astrai_train.schedulers.sgdr import SGDRScheduler
+from astrai_train.schedulers.wsd import WSDScheduler
 
 __all__ = ["BaseScheduler", "ConstantScheduler", "CosineScheduler", "SGDRScheduler",
-           "SchedulerFactory"]
+           "SchedulerFactory", "WSDScheduler"]

@@ -14,5 +14,5 @@ class SchedulerFactory(BaseFactory[BaseScheduler]):
     _registry: ClassVar[Registry] = Registry(kind="LR schedule")
 
     @classmethod
-    def create(cls, optimizer: Optimizer, schedule_type: str, **kwargs: Any) -> BaseScheduler:
-        return cls._registry.get(schedule_type)(optimizer, **kwargs)
+    def create(cls, optimizer: Optimizer, scheduler: str, **kwargs: Any) -> BaseScheduler:
+        return cls._registry.get(scheduler)(optimizer, **kwargs)

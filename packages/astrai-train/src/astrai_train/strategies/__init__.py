@@ -1,7 +1,8 @@
-"""Training strategies: one loss per train type, created by name through `StrategyFactory`."""
+"""Training strategies: one loss per strategy, created by name through `StrategyFactory`."""
 
-from astrai_train.strategies.base import BaseStrategy, frozen_copy
-from astrai_train.strategies.dpo import DPOStrategy
+from astrai_train.strategies.base import AdaptersOff, BaseStrategy, frozen_copy, reference_of
+from astrai_train.strategies.distill import DistillStrategy, load_teacher
+from astrai_train.strategies.dpo import DPOStrategy, preference_pairs
 from astrai_train.strategies.factory import StrategyFactory
 from astrai_train.strategies.grpo import GRPOStrategy, RolloutSource, group_advantages
 from astrai_train.strategies.logprobs import sequence_log_probs, token_log_probs
@@ -9,6 +10,8 @@ from astrai_train.strategies.seq import SEQStrategy
 from astrai_train.strategies.sft import SFTStrategy
 
 __all__ = [
-    "BaseStrategy", "DPOStrategy", "GRPOStrategy", "RolloutSource", "SEQStrategy", "SFTStrategy",
-    "StrategyFactory", "frozen_copy", "group_advantages", "sequence_log_probs", "token_log_probs",
+    "AdaptersOff", "BaseStrategy", "DPOStrategy", "DistillStrategy", "GRPOStrategy",
+    "RolloutSource", "SEQStrategy", "SFTStrategy", "StrategyFactory", "frozen_copy",
+    "group_advantages", "load_teacher", "preference_pairs", "reference_of", "sequence_log_probs",
+    "token_log_probs",
 ]

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import copy
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
+
+from astrai_core.model.lora import adapters_disabled, has_lora, is_lora_parameter
 
 Batch = dict[str, Any]
 
@@ -21,6 +24,34 @@ def frozen_copy(model: nn.Module) -> nn.Module:
     return ref
 
 
+class AdaptersOff(nn.Module):
+    """The reference of a LoRA policy: the policy itself with its adapters switched off, i.e.
+    the frozen base, without a second copy of the weights. It runs in eval mode (as a frozen
+    copy would) and owns no parameters; `parameters()` yields the base's, for fingerprints."""
+
+    def __init__(self, policy: nn.Module) -> None:
+        super().__init__()
+        self._policy = [policy]  # a list, so the policy is not registered as a submodule
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        policy = self._policy[0]
+        was_training = policy.training
+        policy.eval()
+        try:
+            with adapters_disabled(policy):
+                return policy(*args, **kwargs)
+        finally:
+            policy.train(was_training)
+
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
+        return (p for n, p in self._policy[0].named_parameters() if not is_lora_parameter(n))
+
+
+def reference_of(model: nn.Module) -> nn.Module:
+    """DPO's and GRPO's frozen reference: the base under a LoRA policy, else a frozen copy."""
+    return AdaptersOff(model) if has_lora(model) else frozen_copy(model)
+
+
 def count_tokens(batch: Batch) -> int:
     """Real (non-padding) input tokens in a batch, for throughput."""
     masks = [v for k, v in batch.items() if k.endswith("attention_mask")]
@@ -30,7 +61,7 @@ def count_tokens(batch: Batch) -> int:
 
 
 class BaseStrategy(ABC):
-    """A loss over batches of one train type.
+    """A loss over batches of one strategy.
 
     `compute_loss(batch)` returns the batch's mean loss; `loss_weight(batch)` says how many units
     (tokens, pairs) that mean is over, so the trainer can weight the micro-batches of an

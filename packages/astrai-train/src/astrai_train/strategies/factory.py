@@ -1,4 +1,4 @@
-"""`StrategyFactory`: train type -> strategy class."""
+"""`StrategyFactory`: strategy -> strategy class."""
 
 from __future__ import annotations
 
@@ -15,6 +15,6 @@ class StrategyFactory(BaseFactory[BaseStrategy]):
     _registry: ClassVar[Registry] = Registry(kind="training strategy")
 
     @classmethod
-    def create(cls, model: nn.Module, train_type: str, device: str | torch.device = "cpu",
+    def create(cls, model: nn.Module, strategy: str, device: str | torch.device = "cpu",
                **kwargs: Any) -> BaseStrategy:
-        return cls._registry.get(train_type)(model, device, **kwargs)
+        return cls._registry.get(strategy)(model, device, **kwargs)

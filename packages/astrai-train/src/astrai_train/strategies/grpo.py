@@ -13,7 +13,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from astrai_train.strategies.base import BaseStrategy, Batch, frozen_copy
+from astrai_train.strategies.base import BaseStrategy, Batch, reference_of
 from astrai_train.strategies.factory import StrategyFactory
 from astrai_train.strategies.logprobs import masked_mean, token_log_probs
 
@@ -59,7 +59,7 @@ class GRPOStrategy(BaseStrategy):
             raise ValueError(f"GRPO kl_coef must be >= 0, got {kl_coef}")
         if group_size is not None and group_size < 2:
             raise ValueError(f"GRPO group_size must be >= 2 (advantages compare responses), got {group_size}")
-        self.ref_model = ref_model if ref_model is not None else frozen_copy(model)
+        self.ref_model = ref_model if ref_model is not None else reference_of(model)
         self.clip_eps, self.kl_coef, self.group_size = clip_eps, kl_coef, group_size
         self.rollout_source = rollout_source
         self.adv_eps = adv_eps
@@ -83,7 +83,7 @@ class GRPOStrategy(BaseStrategy):
         missing = [k for k in GROUP_KEYS if k not in batch]
         if missing:
             raise ValueError(f"GRPO batches need {', '.join(missing)} with shape (B, G, T) and "
-                             "rewards (B, G); prepare the data with `astrai data prepare --kind grpo`")
+                             "rewards (B, G); prepare the data with `astrai data prepare --strategy grpo`")
         G = batch["rewards"].shape[-1]
         if self.group_size is not None and self.group_size != G:
             raise ValueError(f"the data has {G} responses per prompt but grpo_group_size is "
@@ -96,12 +96,13 @@ class GRPOStrategy(BaseStrategy):
         B, G, T = batch["input_ids"].shape
         ids, labels = batch["input_ids"].view(B * G, T), batch["labels"].view(B * G, T)
         mask = batch["loss_mask"].view(B * G, T)
-        adv = group_advantages(batch["rewards"].float(), self.adv_eps).view(B * G, 1)
         logp = token_log_probs(self.model, ids, labels)  # (BG, T)
+        # Advantages in float64 (B x G numbers: free), then in the log-probs' dtype.
+        adv = group_advantages(batch["rewards"].double(), self.adv_eps).view(B * G, 1).to(logp)
         with torch.no_grad():
             ref = token_log_probs(self.ref_model, ids, labels)
         old = batch.get("old_log_probs")
-        den = ref if old is None else old.view(B * G, T).float()
+        den = ref if old is None else old.view(B * G, T).to(logp)
         ratio = torch.exp(logp - den)
         unclipped = ratio * adv
         clipped = ratio.clamp(1 - self.clip_eps, 1 + self.clip_eps) * adv

@@ -42,13 +42,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 row_weights: torch.Tensor, smoothing: float, needs_grad: bool) -> torch.Tensor:
         N, V = hidden.shape[0], weight.shape[0]
         chunk = max(1, CHUNK_ELEMENTS // V)
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        acc = torch.promote_types(weight.dtype, torch.float32)  # fp32 for bf16, fp64 stays fp64
+        total = torch.zeros((), dtype=acc, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if needs_grad else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_grad else None
+        grad_weight = torch.zeros_like(weight, dtype=acc) if needs_grad else None
         for start in range(0, N, chunk):
             h, y = hidden[start:start + chunk], labels[start:start + chunk]
             w = row_weights[start:start + chunk]
-            logits = F.linear(h, weight).float()  # (c, V)
+            logits = F.linear(h, weight).to(acc)  # (c, V)
             lse = torch.logsumexp(logits, -1)
             loss = lse - logits.gather(1, y[:, None])[:, 0]
             if smoothing:
@@ -63,7 +64,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad.mul_(w[:, None])
                 grad = grad.to(weight.dtype)
                 grad_hidden[start:start + chunk] = grad @ weight
-                grad_weight += (grad.t() @ h.to(grad.dtype)).float()
+                grad_weight += (grad.t() @ h.to(grad.dtype)).to(acc)
         if needs_grad:
             ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
         return total
@@ -79,5 +80,6 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     """sum_i row_weights[i] * CE(hidden[i] @ weight.T, labels[i]) for hidden (N, D), weight (V, D);
     row weights of 1/N give the mean, a mask divided by its count the masked mean."""
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    return _LinearCrossEntropy.apply(hidden, weight, labels, row_weights.float(),
+    row_weights = row_weights.to(torch.promote_types(weight.dtype, torch.float32))
+    return _LinearCrossEntropy.apply(hidden, weight, labels, row_weights,
                                      float(label_smoothing), needs_grad)

@@ -13,11 +13,12 @@ from torch import nn
 
 
 def token_log_probs(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """input_ids, labels (N, T) -> log p(labels[t] | input_ids[:t+1]) as fp32 (N, T)."""
+    """input_ids, labels (N, T) -> log p(labels[t] | input_ids[:t+1]) in at least fp32 (N, T)."""
     logits = model(input_ids)  # (N, T, V)
     N, T, V = logits.shape
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     # cross_entropy fuses log_softmax and the gather: no (N, T, V) log-prob tensor is kept.
-    nll = F.cross_entropy(logits.reshape(N * T, V).float(), labels.reshape(N * T), reduction="none")
+    nll = F.cross_entropy(logits.reshape(N * T, V), labels.reshape(N * T), reduction="none")
     return -nll.view(N, T)
 
 

@@ -29,8 +29,11 @@ class SEQStrategy(BaseStrategy):
 
     def compute_loss(self, batch: Batch) -> torch.Tensor:
         labels = batch["labels"]
-        return self.token_loss(batch["input_ids"], labels,
-                               torch.full(labels.shape, 1.0 / labels.numel(), device=labels.device))
+        # float64 weights, cast to the loss's dtype where used: 1/N is then rounded once, to
+        # fp32 for an fp32 model, and stays exact enough for an fp64 one (exactness tests).
+        weights = torch.full(labels.shape, 1.0 / labels.numel(), dtype=torch.float64,
+                             device=labels.device)
+        return self.token_loss(batch["input_ids"], labels, weights)
 
     def token_loss(self, input_ids: torch.Tensor, labels: torch.Tensor,
                    token_weights: torch.Tensor) -> torch.Tensor:
@@ -42,9 +45,10 @@ class SEQStrategy(BaseStrategy):
             return linear_cross_entropy(hidden.flatten(0, 1), weight, labels.flatten(),
                                         token_weights.flatten(), self.label_smoothing)
         logits = self.model(input_ids)  # (B, T, V)
-        nll = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="none",
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+        nll = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none",
                               label_smoothing=self.label_smoothing)
-        return (nll * token_weights.flatten()).sum()
+        return (nll * token_weights.flatten().to(nll.dtype)).sum()
 
     def loss_weight(self, batch: Batch) -> float:
         return float(batch["labels"].numel())

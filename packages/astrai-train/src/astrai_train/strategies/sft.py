@@ -17,8 +17,8 @@ class SFTStrategy(SEQStrategy):
     def compute_loss(self, batch: Batch) -> torch.Tensor:
         if "loss_mask" not in batch:
             raise ValueError("SFT batches need a 'loss_mask' marking the assistant tokens; "
-                             "prepare the data with `astrai data prepare --kind sft`")
-        mask = batch["loss_mask"].float()
+                             "prepare the data with `astrai data prepare --strategy sft`")
+        mask = batch["loss_mask"].double()  # cast where used, as SEQ's weights
         # A window without assistant tokens weighs nothing (loss 0, no gradient), never NaN.
         return self.token_loss(batch["input_ids"], batch["labels"], mask / mask.sum().clamp(min=1))
 

@@ -1,9 +1,11 @@
-"""The engine's requests seen from the asyncio event loop.
+"""The engine's requests seen from an asyncio event loop: the one async streaming path, used by
+`InferenceEngine.generate_async` and by the HTTP API.
 
 The engine's step loop runs in its own thread and calls each `GenerateResult`'s listeners after
-every change. A `WatchGroup` (one HTTP request: its n choices, or its prompts) turns those calls
-into one wake-up of the event loop at a time, and each `RequestWatch` hands out only what is new
-since it was last asked: text, token ids, logprobs and, once, the finish reason.
+every change. A `WatchGroup` (the requests of one caller: an HTTP request's n choices or its
+prompts) turns those calls into one wake-up of the event loop at a time, and each
+`RequestWatch` hands out only what is new since it was last asked: text, token ids, logprobs
+and, once, the finish reason.
 """
 
 from __future__ import annotations
@@ -14,10 +16,13 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from astrai_serve.engine import InferenceEngine
 from astrai_serve.request import GenerateResult, TokenLogprob
 from astrai_serve.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from astrai_serve.engine import InferenceEngine
 
 
 class LoopWaker:
@@ -68,7 +73,7 @@ class RequestWatch:
 
     def stamp(self) -> None:
         """Called on the step-loop thread right after the engine appends a token."""
-        while len(self.token_times) < len(self.result.token_ids):
+        while len(self.token_times) < self.result.generated_tokens:
             self.token_times.append(time.perf_counter())
 
     def take(self) -> Delta | None:
@@ -78,9 +83,9 @@ class RequestWatch:
         r = self.result
         done = r.done  # read first: once done, every piece and token is already in
         text = "".join(r.pop_all())
-        token_ids = r.token_ids[self._tokens_sent:]
+        token_ids = r.token_ids_since(self._tokens_sent)
         # The engine appends a token before its logprob: take only the logprobs already there.
-        logprobs = r.logprobs[self._logprobs_sent:]
+        logprobs = r.logprobs_since(self._logprobs_sent)
         self._tokens_sent += len(token_ids)
         self._logprobs_sent += len(logprobs)
         self.finished = done
@@ -90,11 +95,11 @@ class RequestWatch:
 
 
 class WatchGroup:
-    """The engine requests behind one HTTP request. `close()` (idempotent) aborts whatever is
-    still running and hands the group to `on_close` (metrics, admission accounting)."""
+    """The engine requests of one caller. `close()` (idempotent) aborts whatever is still
+    running and hands the group to `on_close` (the API's metrics and admission accounting)."""
 
-    def __init__(self, engine: InferenceEngine, reserved: int, waker: LoopWaker,
-                 on_close: Callable[[WatchGroup], None]) -> None:
+    def __init__(self, engine: InferenceEngine, waker: LoopWaker,
+                 on_close: Callable[[WatchGroup], None] | None = None, reserved: int = 0) -> None:
         self.engine = engine
         self.reserved = reserved  # admission slots held until close
         self.watches: list[RequestWatch] = []
@@ -152,4 +157,5 @@ class WatchGroup:
             if not watch.result.done:
                 with contextlib.suppress(RuntimeError):  # a stopped engine ended them all
                     self.engine.abort(watch.result.request_id)
-        self._on_close(self)
+        if self._on_close is not None:
+            self._on_close(self)

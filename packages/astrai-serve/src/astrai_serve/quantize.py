@@ -1,0 +1,162 @@
+"""Serving weights: applied to a loaded model before the engine starts, by swapping its linear
+layers (lm_head included); the model code never knows (ARCHITECTURE.md).
+
+`prepare_model(model, quantize)`:
+- "none" on CPU with 2 or more threads: each weight is repacked once into oneDNN's blocked
+  layout and multiplied by oneDNN (`torch.ops.mkldnn._linear_pointwise`, the kernel that
+  torch.compile's CPU freezing uses). Same values, same dtype; the product splits over every
+  thread even for one row, where torch's default `F.linear` (MKL) runs a one-row product on one
+  core whatever the thread count, and oneDNN is faster for 16-64 rows too (docs/benchmarks.md).
+- "int8": weights as int8 with one scale per output row (symmetric, s = max|row| / 127), run by
+  fbgemm through torch's dynamic quantized linear: the activations are quantized to 8 bits on
+  the fly, as llama.cpp's Q8_0 does per block of 32. Two measured alternatives were slower than
+  fp32 on an AVX2 CPU, so they are not used: torch's weight-only `_weight_int8pack_mm` and
+  torchao's `Int8WeightOnlyConfig` (docs/benchmarks.md).
+
+int8 activation scales are per row, never per batch: fbgemm picks one range per call from the
+input's min and max, which would make a row's result depend on what else shares the batch (a
+small row next to a large one lost 80-100% of its precision). So each row is divided by its
+max |x|, and one extra row holding +1 and -1 pins the range to [-1, 1]; a row's output is then
+the same in any batch (tests/serve/test_quantize.py checks it) and its activation error is at
+most max|x_row| / 127 per element (7-bit activations, fbgemm's `reduce_range`, which avoids the
+int16 saturation of AVX2's u8 x s8 multiply-add).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from astrai_core.model.linear import Linear
+from astrai_core.model.norm import RMSNorm
+
+QUANTIZE_MODES = ("none", "int8")
+INT8_MAX = 127
+
+
+def _linear_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if type(m) in (Linear, nn.Linear)]
+
+
+def _swap(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+class PackedLinear(nn.Module):
+    """A float linear layer whose weight lives in oneDNN's packed layout (CPU)."""
+
+    def __init__(self, linear: nn.Module) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        with torch.no_grad():
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach().contiguous())
+        self.bias = None if linear.bias is None else linear.bias.detach().clone()
+
+    @staticmethod
+    def supported(model: nn.Module) -> bool:
+        p = next(model.parameters())
+        ops = getattr(torch.ops, "mkldnn", None)
+        return (p.device.type == "cpu" and p.dtype in (torch.float32, torch.bfloat16)
+                and torch.backends.mkldnn.is_available() and ops is not None
+                and hasattr(ops, "_linear_pointwise") and hasattr(ops, "_reorder_linear_weight"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        y = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, oneDNN packed, bias={self.bias is not None}"
+
+
+class Int8Linear(nn.Module):
+    """y ~ x W^T + b with W as int8 rows and per-row scales, activations quantized per row."""
+
+    def __init__(self, linear: nn.Module) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        with torch.no_grad():
+            w = linear.weight.detach().float()
+            scales = (w.abs().amax(dim=1) / INT8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
+            zero = torch.zeros(w.shape[0], dtype=torch.long)
+            with warnings.catch_warnings():  # torch marks its quantized tensors as deprecated
+                warnings.simplefilter("ignore")
+                qweight = torch.quantize_per_channel(w, scales.double(), zero, 0, torch.qint8)
+            bias = None if linear.bias is None else linear.bias.detach().float()
+            self.packed = torch.ops.quantized.linear_prepack(qweight, bias)
+        self.bias = bias
+        self._rows = torch.empty(0, self.in_features)  # scaled inputs + the pinning row, reused
+
+    @staticmethod
+    def supported() -> bool:
+        ops = getattr(torch.ops, "quantized", None)
+        return (ops is not None and hasattr(ops, "linear_dynamic")
+                and torch.backends.quantized.engine in ("x86", "fbgemm", "onednn", "qnnpack"))
+
+    def _scratch(self, n: int) -> torch.Tensor:
+        """(n + 1, K): the row that pins the range to [-1, 1], then room for n scaled rows."""
+        # A buffer made under inference_mode cannot be written outside it, and the reverse.
+        if self._rows.shape[0] < n + 1 or self._rows.is_inference() != torch.is_inference_mode_enabled():
+            self._rows = torch.zeros(max(n + 1, 2 * self._rows.shape[0]), self.in_features)
+            self._rows[0, 0], self._rows[0, min(1, self.in_features - 1)] = 1.0, -1.0
+        return self._rows[: n + 1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).float()
+        n = flat.shape[0]
+        peak = torch.linalg.vector_norm(flat, ord=float("inf"), dim=1, keepdim=True)
+        peak.clamp_min_(torch.finfo(torch.float32).tiny)
+        rows = self._scratch(n)
+        torch.div(flat, peak, out=rows[1:])
+        y = torch.ops.quantized.linear_dynamic(rows, self.packed, True)[1:]
+        if self.bias is not None:  # the kernel adds the bias to every row: undo it before rescaling
+            y = torch.addcmul(self.bias, y - self.bias, peak)
+        else:
+            y = y * peak
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, int8 (fbgemm), bias={self.bias is not None}"
+
+
+def prepare_model(model: nn.Module, quantize: str = "none") -> nn.Module:
+    """Swap `model`'s linear layers (in place) for the serving kernels above; returns it.
+    Off CPU, or where torch lacks the kernels, "none" keeps the layers as they are."""
+    if quantize not in QUANTIZE_MODES:
+        raise ValueError(f"unknown quantization '{quantize}'; choose one of: {', '.join(QUANTIZE_MODES)}")
+    p = next(model.parameters())
+    if quantize == "int8":
+        if p.device.type != "cpu" or not Int8Linear.supported():
+            raise ValueError(f"--quantize int8 runs on CPU through torch's fbgemm kernels, which "
+                             f"this torch {torch.__version__} on {p.device.type} lacks; serve "
+                             "without --quantize")
+        for name, module in _linear_modules(model):
+            _swap(model, name, Int8Linear(module))
+        return model
+    if not PackedLinear.supported(model) or torch.get_num_threads() < 2:
+        return model  # on one thread MKL's own one-row product is as fast (measured)
+    for name, module in _linear_modules(model):
+        try:
+            packed = PackedLinear(module)
+        except RuntimeError:  # e.g. oneDNN's bf16 packing needs AVX512 or AVX-NE-CONVERT
+            return model  # only the first layer can fail: every layer has the same dtype
+        _swap(model, name, packed)
+    return model
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of weights one decode step reads: every linear layer (in its serving form) and
+    norm; not the embedding table, of which a step reads one row per token."""
+    itemsize = next(model.parameters()).element_size()
+    total = 0
+    for module in model.modules():
+        if isinstance(module, Int8Linear):
+            total += module.in_features * module.out_features + 4 * module.out_features
+        elif isinstance(module, PackedLinear) or type(module) in (Linear, nn.Linear):
+            total += module.in_features * module.out_features * itemsize
+        elif isinstance(module, RMSNorm):
+            total += module.weight.numel() * itemsize
+    return total
