@@ -32,7 +32,7 @@ def test_invalid_config_names_the_field(fields, field_name):
 
 
 def test_unknown_preset_lists_the_choices():
-    with pytest.raises(ValueError, match="tiny, small, 1b"):
+    with pytest.raises(ValueError, match="tiny, mini, small, 1b"):
         get_preset("huge")
 
 

@@ -138,9 +138,15 @@ def test_required_makes_one_or_more_valid_calls_and_streams_them(server):
                                                 tool_choice="required", seed=seed,
                                                 max_tokens=400)
         choice = answer.choices[0]
-        assert choice.finish_reason == "tool_calls" and choice.message.tool_calls
+        assert choice.message.tool_calls
         for call in choice.message.tool_calls:
             check_call(call)
+        # A random model may keep adding calls (the grammar allows one or more) until the
+        # token limit: then the complete calls are still returned, and the limit is why it ended.
+        if choice.finish_reason != "tool_calls":
+            # The limit is max_tokens, or less where the context window cut it (reported).
+            limit = getattr(answer.usage, "completion_tokens_limit", None) or 400
+            assert choice.finish_reason == "length" and answer.usage.completion_tokens == limit
     with client.chat.completions.stream(model="tiny", messages=USER, tools=TOOLS, seed=5,
                                         tool_choice="required", parallel_tool_calls=False,
                                         max_tokens=200) as stream:
@@ -151,7 +157,10 @@ def test_required_makes_one_or_more_valid_calls_and_streams_them(server):
 
 
 def test_stream_deltas_carry_each_call_with_its_index_id_and_arguments(server):
+    # One call (parallel_tool_calls false): the grammar then ends the reply after it, so the
+    # stream's end is the call's end on any machine, whatever the random model prefers.
     body = {"messages": USER, "tools": TOOLS, "tool_choice": "required", "seed": 2,
+            "parallel_tool_calls": False,
             "max_tokens": 400, "stream": True, "logprobs": True,
             "stream_options": {"include_usage": True}}
     with httpx.stream("POST", f"{server[1]}/v1/chat/completions", json=body,
@@ -161,7 +170,7 @@ def test_stream_deltas_carry_each_call_with_its_index_id_and_arguments(server):
     chunks = [e for e in events[:-1] if e["choices"]]
     deltas = [c["choices"][0]["delta"] for c in chunks]
     calls = [call for d in deltas for call in d.get("tool_calls", [])]
-    assert [c["index"] for c in calls] == list(range(len(calls))) and calls
+    assert [c["index"] for c in calls] == [0]
     for call in calls:
         assert call["type"] == "function" and call["id"].startswith("call_")
         ARGS[call["function"]["name"]].model_validate_json(call["function"]["arguments"])
