@@ -179,7 +179,7 @@ def test_balance_loss_is_one_when_balanced_and_matches_a_hand_computation():
     counts = torch.tensor([2, 1, 1])  # top-2 of each token: {0, 1}, {0, 2} say
     f = [2 / 4, 1 / 4, 1 / 4]
     p = [0.65, 0.25, 0.1]
-    assert balance_loss(scores, counts, top_k=2).item() == pytest.approx(3 * sum(a * b for a, b in zip(f, p)))
+    assert balance_loss(scores, counts, top_k=2).item() == pytest.approx(3 * sum(a * b for a, b in zip(f, p, strict=True)))
 
 
 def test_training_forwards_count_tokens_per_expert_and_eval_does_not():

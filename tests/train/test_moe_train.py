@@ -17,7 +17,6 @@ from train_helpers import micro_model, resume_config
 
 from astrai_core import Checkpoint, moe_layers
 from astrai_core.model.moe import Router
-from astrai_data import DatasetFactory
 from astrai_train import TrainCallback, TrainConfig, Trainer
 from tolerances import forward_bound, reorder_bound
 
