@@ -3,6 +3,7 @@ and preemption, sampling, and the `InferenceEngine`."""
 
 from importlib.metadata import version as _version
 
+from astrai_serve.adapters import ServedAdapters, UnknownAdapterError
 from astrai_serve.engine import InferenceEngine
 from astrai_serve.kvcache import (
     Allocator,
@@ -32,7 +33,7 @@ __version__ = _version("astrai-serve")
 __all__ = [
     "Allocator", "BaseSamplingStrategy", "ContextLengthError", "GenerateResult", "GenerationRequest", "InferenceEngine",
     "InferenceScheduler", "KVCache", "KvcacheView", "MinPStrategy", "PagePool", "PenaltyStrategy",
-    "PrefixCache", "SamplingParams", "SamplingPipeline", "Storage", "Task", "TaskStatus",
-    "TaskTable", "TemperatureStrategy", "TokenLogprob", "TopKStrategy", "TopPStrategy",
-    "__version__",
+    "PrefixCache", "SamplingParams", "SamplingPipeline", "ServedAdapters", "Storage", "Task",
+    "TaskStatus", "TaskTable", "TemperatureStrategy", "TokenLogprob", "TopKStrategy",
+    "TopPStrategy", "UnknownAdapterError", "__version__",
 ]

@@ -19,6 +19,9 @@ DTYPE_HELP = ("auto, float32, bfloat16 or float16 (auto: bfloat16 on a CPU with 
 QUANTIZE_HELP = ("none or int8: int8 stores every linear layer's weights as 8-bit integers with "
                  "one scale per row (a quarter of fp32's bytes: faster CPU decode, small logit "
                  "error; see docs/benchmarks.md).")
+LORA_HELP = ("A LoRA adapter to serve beside the base, as NAME=DIR (repeat for more): DIR is a "
+             "PEFT-format adapter folder trained on this base, and a request with "
+             "\"model\": NAME uses it. Requests for different adapters share batches.")
 MODEL_HELP = ("Model folder with its tokenizer: from `astrai model init`, a training checkpoint, "
               "or a Hugging Face llama/qwen2/qwen3 folder.")
 
@@ -33,6 +36,8 @@ Examples:
   astrai serve ~/models/Qwen3-0.6B --dtype bfloat16 --kv-cache-memory 8GiB
 
   astrai serve runs/sft/final --quantize int8
+
+  astrai serve runs/pt/final --lora sql=runs/sql-lora/final --lora chat=runs/chat-lora/final
 
 Binds to 127.0.0.1 unless --host says otherwise. SIGTERM or Ctrl-C stops accepting requests, lets those in flight finish (up to --shutdown-timeout seconds) and exits 0.
 """
@@ -73,6 +78,7 @@ def serve_cmd(
     device: str | None = typer.Option(None, help=DEVICE_HELP),
     dtype: str | None = typer.Option(None, help=DTYPE_HELP),
     quantize: str = typer.Option("none", help=QUANTIZE_HELP),
+    lora: list[str] = typer.Option([], "--lora", help=LORA_HELP, show_default=False),
     max_batch_size: int = typer.Option(64, help="Sequences generated together at most."),
     kv_cache_tokens: int | None = typer.Option(None, help="KV cache size in tokens."),
     kv_cache_memory: str | None = typer.Option(
@@ -92,14 +98,16 @@ def serve_cmd(
     web: bool = typer.Option(True, "--web/--no-web",
                              help="Serve the chat page at / (--no-web: the API alone)."),
 ) -> None:
+    from astrai_serve.adapters import lora_folders
     from astrai_serve.api import ServerConfig, create_app
     from astrai_serve.api.loader import check_model_dir, load_engine
     from astrai_serve.api.server import serve
 
     check_model_dir(model_dir)  # a wrong folder fails now, not after the server started
+    name = served_model_name or model_dir.resolve().name
     options = _engine_options(device, dtype, max_batch_size, kv_cache_tokens, kv_cache_memory,
                               max_seq_len, quantize)
-    name = served_model_name or model_dir.resolve().name
+    options.lora = lora_folders(lora, name)
     config = ServerConfig(served_model_name=name, api_key=api_key, max_waiting=max_waiting,
                           web=web)
     _print_banner(name, model_dir, host, port, api_key is not None)

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from astrai_serve.adapters import BASE_ID, ServedAdapters, UnknownAdapterError
 from astrai_serve.kvcache import KVCache
 from astrai_serve.request import GenerateResult, GenerationRequest
 from astrai_serve.sampling import SamplingParams
@@ -41,6 +42,9 @@ class InferenceEngine:
             2048, and at least max_batch_size.
         enable_prefix_cache: reuse the K/V of identical prompt prefixes.
         default_max_tokens: max_tokens when a call does not give one.
+        adapters: LoRA adapters installed into `model` (`ServedAdapters.load`); a request picks
+            one by name (`SamplingParams.adapter`), and requests for different adapters share
+            batches.
     """
 
     def __init__(
@@ -56,6 +60,7 @@ class InferenceEngine:
         max_num_tokens: int | None = None,
         enable_prefix_cache: bool = True,
         default_max_tokens: int = 256,
+        adapters: ServedAdapters | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -63,6 +68,7 @@ class InferenceEngine:
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.default_max_tokens = default_max_tokens
+        self.adapters = adapters
         model_len = model.config.max_seq_len
         if max_seq_len is not None and not 1 < max_seq_len <= model_len:
             raise ValueError(f"max_seq_len must be in [2, {model_len}] (the model's max_seq_len), "
@@ -72,7 +78,7 @@ class InferenceEngine:
         if max_num_tokens is None:
             max_num_tokens = max(DEFAULT_STEP_TOKENS, max_batch_size)
         self.scheduler = InferenceScheduler(model, self.kvcache, max_batch_size, max_num_tokens,
-                                            self.max_seq_len)
+                                            self.max_seq_len, adapters)
         self._ids = itertools.count()
         self._stop_ids = self._tokenizer_stop_ids()
         self.scheduler.start()
@@ -153,10 +159,27 @@ class InferenceEngine:
 
     def _task(self, prompt_ids: Sequence[int], params: SamplingParams | None, text: bool) -> Task:
         params = params or SamplingParams(max_tokens=self.default_max_tokens)
+        adapter = self.adapter_id(params.adapter)  # an unknown name fails before anything else
         prompt = [int(t) for t in prompt_ids]
         return Task(f"req-{next(self._ids)}", prompt, params, text=self._text_output(params, text),
                     stop_ids=self._stop_ids_for(params), generator=self._generator(params),
-                    matcher=params.grammar.matcher() if params.grammar is not None else None)
+                    matcher=params.grammar.matcher() if params.grammar is not None else None,
+                    adapter=adapter)
+
+    @property
+    def adapter_names(self) -> tuple[str, ...]:
+        """The LoRA adapters a request may name (`SamplingParams.adapter`)."""
+        return self.adapters.names if self.adapters is not None else ()
+
+    def adapter_id(self, name: str | None) -> int:
+        """0 for the base model (None), else the served adapter's id; `UnknownAdapterError`
+        (a ValueError) listing the served names for any other name."""
+        if name is None:
+            return BASE_ID
+        if self.adapters is None:
+            raise UnknownAdapterError(f"no LoRA adapter named '{name}' is served: this engine "
+                                      "serves the base model alone")
+        return self.adapters.id_of(name)
 
     def abort(self, request_id: str) -> None:
         self.scheduler.remove_task(request_id)

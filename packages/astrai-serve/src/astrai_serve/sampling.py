@@ -64,6 +64,7 @@ class SamplingParams:
     ignore_eos: bool = False  # keep going past the tokenizer's end-of-sequence tokens
     logprobs: int | None = None  # None: none; 0: the chosen token's; N: plus the top N
     grammar: GrammarSpec | None = None  # constrain the output to this grammar (JSON schema, ...)
+    adapter: str | None = None  # the served LoRA adapter to generate with; None: the base model
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

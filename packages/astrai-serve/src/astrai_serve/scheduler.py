@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from astrai_serve.adapters import ServedAdapters
 from astrai_serve.batch import ScheduledBatch
 from astrai_serve.kvcache import KVCache
 from astrai_serve.model_runner import ModelRunner
@@ -54,6 +55,7 @@ class InferenceScheduler:
         max_batch_size: int = 64,
         max_num_tokens: int = 1024,
         max_seq_len: int | None = None,
+        adapters: ServedAdapters | None = None,
     ) -> None:
         if max_num_tokens < max_batch_size:
             raise ValueError(f"max_num_tokens ({max_num_tokens}) must be >= max_batch_size "
@@ -66,7 +68,7 @@ class InferenceScheduler:
         self.max_seq_len = min(max_seq_len or model_len, model_len, kvcache.capacity_tokens)
         self.waiting_queue: deque[Task] = deque()
         self.active_tasks: list[Task] = []  # running, in admission order
-        self.runner = ModelRunner(model, kvcache)
+        self.runner = ModelRunner(model, kvcache, adapters)
         self.stats = EngineStats()
         self.error: BaseException | None = None
         self._inbox: deque[tuple[str, Any]] = deque()
@@ -170,7 +172,7 @@ class InferenceScheduler:
 
     def _admit(self, task: Task, budget: int) -> int:
         """Give a waiting task its page table and first chunk's pages; 0 if pages are short."""
-        cached = self.page_cache.task_alloc(task.task_id, task.token_ids)
+        cached = self.page_cache.task_alloc(task.task_id, task.token_ids, namespace=task.adapter)
         task.num_computed = cached
         n = min(task.remaining, budget)
         if not self.page_cache.task_extend(task.task_id, cached + n):

@@ -35,6 +35,7 @@ class Task:
     text: TextOutput | None = None  # set when the caller wants text (and for stop strings)
     generator: torch.Generator | None = None  # a seeded request's own random numbers
     matcher: TokenMatcher | None = None  # the grammar state of a constrained request
+    adapter: int = 0  # the served LoRA adapter's id (astrai_serve.adapters), 0: the base model
     status: TaskStatus = TaskStatus.PENDING
     token_ids: list[int] = field(default_factory=list)  # prompt + output
     logprobs: list[TokenLogprob] = field(default_factory=list)  # per output token, if asked

@@ -13,7 +13,8 @@ serving engine see the same model.
 
 `adapters_disabled(model)` runs the base alone (the DPO/GRPO reference: no second copy of the
 weights). For serving several adapters in one batch, a `LoRALinear` also applies a stack of
-adapters per row (`AdapterBank`, `adapter_rows`): row i of the batch gets adapter rows[i].
+adapters per row (`AdapterBank`, `adapter_rows`): row i of the batch gets adapter rows[i]. The
+same bank is what `astrai serve --lora` installs around its serving kernels (astrai_serve.adapters).
 """
 
 from __future__ import annotations
@@ -95,27 +96,55 @@ class LoRAWeight(nn.Module):
 class AdapterBank:
     """Several adapters of one layer, stacked for per-row application (serving): A (n, r, in),
     B (n, out, r) with each B already multiplied by its adapter's scaling. Adapters of lower
-    rank are zero-padded to r, which changes nothing (the padded products are 0)."""
+    rank are zero-padded to r, which changes nothing (the padded products are 0).
+
+    `delta` runs every adapter's down-projection on every row as one GEMM, (T, in) x (in, n r),
+    zeroes the blocks that are not the row's own adapter (a row of -1 keeps none), and
+    up-projects with one more GEMM, (T, n r) x (n r, out): no Python loop, no host sync, and
+    a batch mixing adapters costs the same as one using a single adapter. Gathering A[rows] per
+    token instead would materialize T x r x in weights per layer (512 MiB for a 2048-token step
+    at r = 16, in = 4096); the masked extra work is n r / in of the layer's own matmul, small
+    for the handful of adapters one server holds."""
 
     A: torch.Tensor
     B: torch.Tensor
     rows: torch.Tensor | None = field(default=None)  # adapter index per row, -1: none
 
+    def __post_init__(self) -> None:
+        n, r, _ = self.A.shape
+        self._down = self.A.reshape(n * r, -1)  # (n r, in): all down-projections side by side
+        self._up = self.B.transpose(1, 2).reshape(n * r, -1).contiguous()  # (n r, out)
+
+    @classmethod
+    def stack(cls, name: str, in_features: int, out_features: int,
+              adapters: Sequence[tuple[LoRAConfig, dict[str, torch.Tensor]]],
+              dtype: torch.dtype, device: torch.device | str) -> AdapterBank:
+        """Layer `name`'s factors of each adapter (config, weights under our names), in order;
+        an adapter that does not adapt the layer gets zeros."""
+        a_key, b_key = f"{name}.lora_A.weight", f"{name}.lora_B.weight"
+        rank = max((cfg.rank for cfg, state in adapters if a_key in state), default=1)
+        A = torch.zeros(len(adapters), rank, in_features, dtype=dtype, device=device)
+        B = torch.zeros(len(adapters), out_features, rank, dtype=dtype, device=device)
+        for i, (cfg, state) in enumerate(adapters):
+            if a_key in state:
+                A[i, :cfg.rank] = state[a_key].to(A)
+                # The scaling in fp32 at least, before the cast: as `delta_weight` merges it.
+                scaled = state[b_key].to(torch.promote_types(B.dtype, torch.float32)) * cfg.scaling
+                B[i, :, :cfg.rank] = scaled.to(B)
+        return cls(A, B)
+
     def delta(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """sum of B[rows[i]] A[rows[i]] x_i for each row i of x (..., in); rows has x's leading
-        shape, or only its first axes (a row index then covers all its tokens)."""
+        """B[rows[i]] A[rows[i]] x_i for each row i of x (..., in), 0 where rows[i] is -1; rows
+        has x's leading shape, or only its first axes (a row index then covers all its tokens)."""
         while rows.dim() < x.dim() - 1:
             rows = rows.unsqueeze(-1)
         flat_rows = rows.expand(x.shape[:-1]).reshape(-1)
         flat = x.reshape(-1, x.shape[-1])
-        out = flat.new_zeros(flat.shape[0], self.B.shape[1])
-        for index in torch.unique(flat_rows).tolist():  # a few adapters: one matmul pair each
-            if index < 0:
-                continue
-            picked = (flat_rows == index).nonzero().squeeze(-1)
-            h = flat.index_select(0, picked) @ self.A[index].T.to(flat.dtype)
-            out.index_copy_(0, picked, h @ self.B[index].T.to(flat.dtype))
-        return out.view(*x.shape[:-1], self.B.shape[1])
+        n, r = self.A.shape[:2]
+        h = flat @ self._down.T.to(flat.dtype)  # (T, n r)
+        own = flat_rows[:, None] == torch.arange(n, device=flat_rows.device)  # (T, n)
+        h = (h.view(-1, n, r) * own.unsqueeze(-1).to(h.dtype)).view(-1, n * r)
+        return (h @ self._up.to(flat.dtype)).view(*x.shape[:-1], self.B.shape[1])
 
 
 class LoRALinear(nn.Module):
@@ -318,20 +347,13 @@ def install_bank(model: nn.Module, adapters: Sequence[tuple[LoRAConfig, dict[str
     that `adapter_rows(model, rows)` applies adapter rows[i] to batch row i. Layers that no
     adapter targets stay plain; a layer some adapter lacks gets zeros for it."""
     layer_names = sorted({n.rsplit(".lora_", 1)[0] for _, state in adapters for n in state})
-    rank = max(cfg.rank for cfg, _ in adapters)
     for name in layer_names:
         module = model.get_submodule(name)
         if not isinstance(module, LoRALinear):
             module = LoRALinear(module, None)
             _set_module(model, name, module)
-        w = module.weight
-        A = w.new_zeros(len(adapters), rank, module.in_features)
-        B = w.new_zeros(len(adapters), module.out_features, rank)
-        for i, (cfg, state) in enumerate(adapters):
-            if f"{name}.lora_A.weight" in state:
-                A[i, :cfg.rank] = state[f"{name}.lora_A.weight"].to(A)
-                B[i, :, :cfg.rank] = state[f"{name}.lora_B.weight"].to(B) * cfg.scaling
-        module.bank = AdapterBank(A, B)
+        module.bank = AdapterBank.stack(name, module.in_features, module.out_features, adapters,
+                                        module.weight.dtype, module.weight.device)
 
 
 @contextmanager

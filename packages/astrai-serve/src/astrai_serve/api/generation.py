@@ -1,5 +1,5 @@
 """What chat and text completions share before their answer takes shape: checking the model
-name and refused fields, turning a request into `SamplingParams`, tokenizing off the event loop,
+name (the base or one of its LoRA adapters) and refused fields, turning a request into `SamplingParams`, tokenizing off the event loop,
 and admitting and submitting its sequences (`reply.py` has the rest of the skeleton)."""
 
 from __future__ import annotations
@@ -38,10 +38,11 @@ def check_request(state: ServingState, body: SamplingFields,
                   refused: Mapping[str, Callable[[Any], bool]]) -> InferenceEngine:
     """The engine, once the request may be served at all."""
     engine = state.ready_engine()
-    name = state.config.served_model_name
-    if body.model is not None and body.model != name:
-        raise APIError(404, f"model '{body.model}' does not exist; this server serves '{name}'",
-                       param="model", code="model_not_found")
+    served = state.model_names()
+    if body.model is not None and body.model not in served:
+        raise APIError(404, f"model '{body.model}' does not exist; this server serves "
+                       f"{', '.join(repr(n) for n in served)}", param="model",
+                       code="model_not_found")
     names = refused_fields(body.model_extra, refused)
     if names:
         raise bad_request(f"'{names[0]}' is not supported by this server; remove it",
@@ -49,8 +50,14 @@ def check_request(state: ServingState, body: SamplingFields,
     return engine
 
 
+def requested_adapter(state: ServingState, body: SamplingFields) -> str | None:
+    """The LoRA adapter a checked request names in `model`; None for the base model."""
+    return None if body.model in (None, state.config.served_model_name) else body.model
+
+
 def sampling_params(body: SamplingFields, max_tokens: int, logprobs: int | None,
-                    vocab_size: int, grammar: GrammarSpec | None = None) -> SamplingParams:
+                    vocab_size: int, grammar: GrammarSpec | None = None,
+                    adapter: str | None = None) -> SamplingParams:
     temperature = 1.0 if body.temperature is None else body.temperature
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
 
@@ -69,7 +76,7 @@ def sampling_params(body: SamplingFields, max_tokens: int, logprobs: int | None,
             seed=body.seed, stop=stop, stop_token_ids=list(body.stop_token_ids or []),
             ignore_eos=bool(body.ignore_eos),
             logprobs=None if logprobs is None else min(logprobs, vocab_size),
-            grammar=grammar,
+            grammar=grammar, adapter=adapter,
         )
     except ValueError as exc:
         raise bad_request(str(exc)) from None

@@ -4,9 +4,10 @@ checkpoint, or a supported Hugging Face folder, with its tokenizer beside the we
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from astrai_serve.adapters import ServedAdapters
 from astrai_serve.engine import InferenceEngine
 from astrai_serve.quantize import prepare_model
 
@@ -25,6 +26,7 @@ class EngineOptions:
     kv_cache_bytes: int | None = None
     max_seq_len: int | None = None
     quantize: str = "none"  # none / int8 (astrai_serve.quantize)
+    lora: dict[str, Path] = field(default_factory=dict)  # LoRA adapters served: name -> folder
 
     def __post_init__(self) -> None:
         from astrai_serve.quantize import QUANTIZE_MODES
@@ -92,7 +94,9 @@ def load_engine(path: Path, options: EngineOptions | None = None) -> InferenceEn
         raise ValueError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model "
                          f"only {model.config.vocab_size}; they do not belong together")
     prepare_model(model, options.quantize)  # before the engine starts: the model never knows
+    # After prepare_model: the adapters wrap the serving kernels, which keep the base fast.
+    adapters = ServedAdapters.load(model, options.lora) if options.lora else None
     return InferenceEngine(model, tokenizer, max_batch_size=options.max_batch_size,
                            max_seq_len=options.max_seq_len,
                            kv_cache_tokens=options.kv_cache_tokens,
-                           kv_cache_bytes=options.kv_cache_bytes)
+                           kv_cache_bytes=options.kv_cache_bytes, adapters=adapters)

@@ -80,6 +80,7 @@ async def respond(request: Request, engine: InferenceEngine, body: SamplingField
     """Submit the reply's sequences and answer: streamed when the body asks, else whole.
     `param` names the body field that holds the prompts, for errors about them."""
     state = serving_state(request)
+    reply.model = params.adapter or reply.model  # answers name the LoRA adapter that wrote them
     group = start_generation(state, engine, reply.prompts, params, reply.n, param)
     retry = state.config.retry_after_s
     if body.stream:

@@ -104,6 +104,7 @@ class ModelCard(BaseModel):
     created: int
     owned_by: str = "astrai"
     max_model_len: int | None = None
+    parent: str | None = None  # a LoRA adapter's base model; None for the base itself
 
 
 class ModelList(BaseModel):

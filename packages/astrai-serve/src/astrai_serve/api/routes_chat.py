@@ -15,6 +15,7 @@ from astrai_serve.api.errors import APIError, bad_request
 from astrai_serve.api.generation import (
     check_request,
     check_text,
+    requested_adapter,
     sampling_params,
     serving_state,
     token_budget,
@@ -58,7 +59,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     grammar = await response_grammar(state, engine, body.response_format)
     grammar = grammar or await tool_grammar(state, engine, tools)
     top = (body.top_logprobs or 0) if body.logprobs else None
-    params = sampling_params(body, max_tokens, top, vocab_size(engine), grammar)
+    params = sampling_params(body, max_tokens, top, vocab_size(engine), grammar,
+                             requested_adapter(state, body))
     reply = ChatReply(state, [prompt], body.num_choices, bool(body.logprobs), limit, tools)
     return await respond(request, engine, body, reply, params, "messages")
 

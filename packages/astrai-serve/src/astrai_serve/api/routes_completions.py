@@ -17,6 +17,7 @@ from astrai_serve.api.generation import (
     check_prompts,
     check_request,
     check_text,
+    requested_adapter,
     sampling_params,
     serving_state,
     token_budget,
@@ -59,17 +60,20 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     raw = body.prompts()
     prompts = await completion_prompts(engine, raw)
     check_prompts(prompts, engine, "prompt")
+    adapter = requested_adapter(state, body)
     echo = None
     if body.echo:
-        echo = await echoed(engine, raw, prompts, body.logprobs)
+        echo = await echoed(engine, raw, prompts, body.logprobs, adapter)
     if body.max_tokens == 0:
         reply = CompletionReply(state, prompts, body.num_choices, body.logprobs is not None,
                                 echo=echo)
+        reply.model = adapter or reply.model
         return scored_only(reply, body)
     max_tokens, limit = token_budget(body.max_tokens, prompts, engine, "prompt",
                                      default=DEFAULT_MAX_TOKENS)
     grammar = await response_grammar(state, engine, body.response_format)
-    params = sampling_params(body, max_tokens, body.logprobs, vocab_size(engine), grammar)
+    params = sampling_params(body, max_tokens, body.logprobs, vocab_size(engine), grammar,
+                             adapter)
     reply = CompletionReply(state, prompts, body.num_choices, body.logprobs is not None, limit,
                             echo)
     return await respond(request, engine, body, reply, params, "prompt")
@@ -102,13 +106,13 @@ class Echo:
 
 
 async def echoed(engine: InferenceEngine, raw: list[str | list[int]], prompts: list[list[int]],
-                 logprobs: int | None) -> Echo:
+                 logprobs: int | None, adapter: str | None = None) -> Echo:
     texts = [p if isinstance(p, str) else engine.tokenizer.decode(p, skip_special_tokens=False)
              for p in raw]
     if logprobs is None:
         return Echo(texts, None)
     try:
-        return Echo(texts, await score_prompts(engine, prompts, logprobs))
+        return Echo(texts, await score_prompts(engine, prompts, logprobs, adapter))
     except RuntimeError as exc:  # the engine stopped or died meanwhile
         raise unavailable(f"the engine cannot score prompts: {exc}", "engine_unavailable") from None
 

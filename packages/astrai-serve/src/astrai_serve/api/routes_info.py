@@ -14,27 +14,30 @@ from astrai_serve.api.state import ServingState
 router = APIRouter()
 
 
-def _card(state: ServingState) -> ModelCard:
+def _cards(state: ServingState) -> list[ModelCard]:
+    """The base model, then each LoRA adapter served beside it (`parent`: the base)."""
     window = state.engine.scheduler.max_seq_len if state.engine is not None else None
-    return ModelCard(id=state.config.served_model_name, created=state.created,
-                     max_model_len=window)
+    base, *adapters = state.model_names()
+    return [ModelCard(id=base, created=state.created, max_model_len=window),
+            *(ModelCard(id=name, created=state.created, max_model_len=window, parent=base)
+              for name in adapters)]
 
 
 @router.get("/v1/models", response_model=ModelList, responses=error_responses(401))
 async def list_models(request: Request) -> ModelList:
-    """The one model this server serves."""
-    return ModelList(data=[_card(serving_state(request))])
+    """The base model this server serves and its LoRA adapters."""
+    return ModelList(data=_cards(serving_state(request)))
 
 
 @router.get("/v1/models/{model_id:path}", response_model=ModelCard,
             responses=error_responses(401, 404))
 async def retrieve_model(model_id: str, request: Request) -> ModelCard:
-    state = serving_state(request)
-    if model_id != state.config.served_model_name:
+    cards = {card.id: card for card in _cards(serving_state(request))}
+    if model_id not in cards:
         raise APIError(404, f"model '{model_id}' does not exist; this server serves "
-                       f"'{state.config.served_model_name}'", param="model",
+                       f"{', '.join(repr(n) for n in cards)}", param="model",
                        code="model_not_found")
-    return _card(state)
+    return cards[model_id]
 
 
 @router.get("/health", responses={503: {"description": "Loading, failed or shutting down."}})

@@ -10,6 +10,7 @@ long prompt never holds (length x vocabulary) floats at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -43,15 +44,20 @@ def prompt_logprobs(model: torch.nn.Module, prompt: Sequence[int], top_n: int
     return out
 
 
-async def score_prompts(engine: InferenceEngine, prompts: Sequence[Sequence[int]], top_n: int
-                        ) -> list[list[TokenLogprob | None]]:
+async def score_prompts(engine: InferenceEngine, prompts: Sequence[Sequence[int]], top_n: int,
+                        adapter: str | None = None) -> list[list[TokenLogprob | None]]:
     """`prompt_logprobs` of each prompt, computed on the step loop (from a worker thread, so
-    the event loop keeps serving while it waits its turn)."""
+    the event loop keeps serving while it waits its turn), under LoRA `adapter` if given."""
     top_n = min(top_n, int(engine.model.config.vocab_size))
     results: list[list[TokenLogprob | None]] = []
+    adapter_id = engine.adapter_id(adapter)
 
     def run() -> None:
-        results.extend(prompt_logprobs(engine.model, p, top_n) for p in prompts)
+        scope = contextlib.nullcontext()
+        if adapter_id and engine.adapters is not None:  # every token of the forward: one id
+            scope = engine.adapters.applied(torch.tensor([adapter_id]))
+        with scope:
+            results.extend(prompt_logprobs(engine.model, p, top_n) for p in prompts)
 
     await asyncio.to_thread(engine.scheduler.call, run)
     return results

@@ -75,8 +75,17 @@ class ServingState:
     def set_engine(self, engine: InferenceEngine) -> None:
         if engine.tokenizer is None:
             raise ValueError("the engine has no tokenizer; the HTTP API needs one for text")
+        if self.config.served_model_name in engine.adapter_names:
+            raise ValueError(f"a LoRA adapter is named '{self.config.served_model_name}' like the "
+                             "base model, so `model` could not tell them apart; rename it")
         self.token_text = TokenText(engine.tokenizer)
         self.engine = engine
+
+    def model_names(self) -> tuple[str, ...]:
+        """What a request may send as `model`: the base model's name, then its LoRA adapters'
+        (known once the engine is loaded)."""
+        adapters = self.engine.adapter_names if self.engine is not None else ()
+        return (self.config.served_model_name, *adapters)
 
     def problem(self) -> APIError | None:
         """Why requests cannot be served now, or None."""

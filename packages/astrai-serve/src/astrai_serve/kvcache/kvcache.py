@@ -59,18 +59,19 @@ class KVCache:
         return {"used": a.n_used, "free": a.n_free, "cached": a.n_cached, "total": a.n_pages}
 
     # -- task life cycle ------------------------------------------------------------------
-    def task_alloc(self, task_id: TaskId, token_ids: Sequence[int]) -> int:
+    def task_alloc(self, task_id: TaskId, token_ids: Sequence[int], namespace: int = 0) -> int:
         """Open a page table for a task about to compute `token_ids`, starting from the longest
-        cached prefix. Returns how many tokens are already computed (always fewer than all of
-        them, so the last token's logits get computed)."""
+        prefix cached under `namespace` (the LoRA adapter the task runs with; 0: the base), so
+        K/V computed by other weights are never reused. Returns how many tokens are already
+        computed (always fewer than all of them, so the last token's logits get computed)."""
         pages: list[int] = []
         if self.enable_prefix_cache:
-            hits = self._pool.lookup(token_ids)
+            hits = self._pool.lookup(token_ids, namespace)
             pages = hits[: (len(token_ids) - 1) // self.page_size]
             for idx in pages:
                 self._pool.inc_ref(idx)
         cached = len(pages) * self.page_size
-        self._table.set(task_id, pages, cached, recorded=len(pages))
+        self._table.set(task_id, pages, cached, recorded=len(pages), namespace=namespace)
         return cached
 
     def task_extend(self, task_id: TaskId, n_tokens: int) -> bool:
@@ -105,10 +106,11 @@ class KVCache:
             return
         ps, pages = self.page_size, self._table.get(task_id)
         done, full = self._table.get_recorded(task_id), n_computed // ps
+        namespace = self._table.get_namespace(task_id)
         for i in range(done, full):
             parent = pages[i - 1] if i else NO_PARENT
             if not self._pool.prefix_cache.has_page(pages[i]):
-                self._pool.record(pages[i], token_ids[i * ps : (i + 1) * ps], parent)
+                self._pool.record(pages[i], token_ids[i * ps : (i + 1) * ps], parent, namespace)
         self._table.set_recorded(task_id, max(done, full))
 
     def reset_prefix_cache(self) -> None:

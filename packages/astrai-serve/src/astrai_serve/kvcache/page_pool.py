@@ -47,11 +47,12 @@ class PagePool:
     def inc_ref(self, idx: int) -> None:
         self._alloc.inc_ref(idx)
 
-    def lookup(self, token_ids: Sequence[int]) -> list[int]:
-        return self._prefix.lookup(token_ids)
+    def lookup(self, token_ids: Sequence[int], namespace: int = 0) -> list[int]:
+        return self._prefix.lookup(token_ids, namespace)
 
-    def record(self, page_idx: int, token_ids: Sequence[int], parent: int = NO_PARENT) -> bool:
-        return self._prefix.record(page_idx, token_ids, parent)
+    def record(self, page_idx: int, token_ids: Sequence[int], parent: int = NO_PARENT,
+               namespace: int = 0) -> bool:
+        return self._prefix.record(page_idx, token_ids, parent, namespace)
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached prefix (the weights changed): idle cached pages become free, held

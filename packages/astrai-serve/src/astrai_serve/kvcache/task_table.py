@@ -1,5 +1,6 @@
-"""`TaskTable`: each task's page table (logical page i -> physical page) and how many of its
-tokens came from the prefix cache and how many of its pages it has indexed there."""
+"""`TaskTable`: each task's page table (logical page i -> physical page), how many of its
+tokens came from the prefix cache, how many of its pages it has indexed there, and under which
+prefix-cache namespace (the LoRA adapter its K/V are computed with)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ class _Row:
     pages: list[int] = field(default_factory=list)
     cached: int = 0  # prompt tokens served by the prefix cache at admission
     recorded: int = 0  # leading pages already indexed by (or tried against) the prefix cache
+    namespace: int = 0  # prefix-cache namespace: the served adapter id, 0 for the base
 
 
 class TaskTable:
@@ -31,10 +33,11 @@ class TaskTable:
     def task_ids(self) -> list[TaskId]:
         return list(self._rows)
 
-    def set(self, task_id: TaskId, page_table: list[int], cached: int = 0, recorded: int = 0) -> None:
+    def set(self, task_id: TaskId, page_table: list[int], cached: int = 0, recorded: int = 0,
+            namespace: int = 0) -> None:
         if task_id in self._rows:
             raise KeyError(f"task {task_id!r} already has a page table")
-        self._rows[task_id] = _Row(page_table, cached, recorded)
+        self._rows[task_id] = _Row(page_table, cached, recorded, namespace)
 
     def get(self, task_id: TaskId) -> list[int]:
         """The live page list (appending to it extends the task)."""
@@ -42,6 +45,9 @@ class TaskTable:
 
     def get_cached(self, task_id: TaskId) -> int:
         return self._rows[task_id].cached
+
+    def get_namespace(self, task_id: TaskId) -> int:
+        return self._rows[task_id].namespace
 
     def get_recorded(self, task_id: TaskId) -> int:
         return self._rows[task_id].recorded
