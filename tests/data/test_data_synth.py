@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 
 from astrai_data.synth import (
-    NUMERIC_TASKS,
+    VERIFIABLE_TASKS,
     exact_answer_reward,
     extract_answer,
     format_reward,
@@ -88,7 +88,7 @@ def test_each_held_out_file_has_300_distinct_items_per_language_over_every_task(
                                 else r["prompt"], ensure_ascii=False) for r in mine]
         assert len(mine) == 300 and len(set(questions)) == 300, (lang, len(set(questions)))
         tasks = Counter(r["task"] for r in mine)
-        wanted = NUMERIC_TASKS if name == "eval_grpo.jsonl" else tuple(TASKS)
+        wanted = VERIFIABLE_TASKS if name == "eval_grpo.jsonl" else tuple(TASKS)
         assert set(tasks) == set(wanted)
         # Evenly spread: a task short of held-out questions gives all it has, no task more
         # than an even share of what is left.
@@ -124,6 +124,10 @@ def test_eval_grpo_prompts_are_held_out_and_answers_are_right(corpus):
             assert int(row["answer"]) == (a + b if op == "+" else a - b)
         elif row["task"] == "compare":
             assert int(row["answer"]) == max(numbers)
+        elif row["task"] == "count":
+            start, end = numbers
+            assert held_out_key((start, end))
+            assert row["answer"] == " ".join(str(n) for n in range(start, end + 1))
 
 
 def test_canonical_replies_earn_full_rewards(corpus):
@@ -182,6 +186,30 @@ def test_rewards_check_the_answer_and_the_format():
     assert format_reward("更大的数是 12。", "zh") == 1.0
     with pytest.raises(ValueError, match="lang must be"):
         format_reward("x", "fr")
+
+
+def test_counting_is_rewarded_for_the_whole_sequence_only():
+    """A count's answer is every number in order: stopping early, running on, skipping one or
+    repeating one all score 0, where the last number alone would score 1 for some of them."""
+    answer = "3 4 5 6"
+    assert exact_answer_reward("3, 4, 5, 6.", answer, "en") == 1.0
+    assert exact_answer_reward("3、4、5、6。", answer, "zh") == 1.0
+    for wrong in ("3, 4, 5.", "3, 4, 5, 6, 7.", "3, 4, 6.", "3, 4, 5, 5, 6.", "2, 3, 4, 5, 6."):
+        assert exact_answer_reward(wrong, answer, "en") == 0.0, wrong
+    assert exact_answer_reward("3, 4, 5, 6, ", answer, "en") == 1.0  # the numbers are right...
+    assert format_reward("3, 4, 5, 6, ", "en") == 0.0  # ...the format reward catches the cut
+    assert format_reward("3, 4, 5, 6.", "en") == format_reward("3、4、5、6。", "zh") == 1.0
+    assert format_reward("3、4、5、6。", "en") == 0.0
+
+
+def test_canonical_count_replies_earn_full_rewards(corpus):
+    rows = [r for r in _rows(corpus, "grpo.jsonl") if r["task"] == "count"]
+    assert rows
+    for row in rows:
+        start, end = (int(n) for n in re.findall(r"\d+", row["prompt"]))
+        reply = TASKS["count"].reply((start, end), row["lang"])
+        assert exact_answer_reward(reply, row["answer"], row["lang"]) == 1.0
+        assert format_reward(reply, row["lang"]) == 1.0
 
 
 def test_task_spec_describes_every_task():

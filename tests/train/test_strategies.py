@@ -222,7 +222,7 @@ def _group_batch(old: bool) -> dict[str, torch.Tensor]:
     return batch
 
 
-def _hand_grpo_loss(table, ref_table, batch, clip_eps, kl_coef, eps=1e-4) -> float:
+def _hand_grpo_loss(table, ref_table, batch, clip_eps, kl_coef, eps=1e-4, scale=True) -> float:
     """The seed's formula, written out token by token in plain Python floats."""
     policy_sum = kl_sum = 0.0
     count = 0
@@ -230,7 +230,7 @@ def _hand_grpo_loss(table, ref_table, batch, clip_eps, kl_coef, eps=1e-4) -> flo
         mu = sum(rewards) / len(rewards)
         sigma = math.sqrt(sum((r - mu) ** 2 for r in rewards) / len(rewards))  # population std
         for g, r in enumerate(rewards):
-            adv = (r - mu) / (sigma + eps)
+            adv = (r - mu) / (sigma + eps) if scale else r - mu
             for t in range(batch["input_ids"].shape[-1]):
                 if not batch["loss_mask"][b, g, t]:
                     continue
@@ -278,6 +278,26 @@ def test_grpo_advantages_use_the_population_std():
     # eps=1e-12 shifts each by ~|A| 1e-12 / sigma; the rest is float64 rounding of 3 terms.
     assert adv[0].tolist() == pytest.approx([0.5 / sigma, -0.5 / sigma, 0.0], abs=1e-11)
     assert adv[1].tolist() == [0.0, 0.0, 0.0]  # equal rewards: no signal, not NaN
+
+
+def test_grpo_advantages_without_scaling_are_centred_rewards():
+    """Dr. GRPO: r - mean, so a group that is right 7 times in 8 gives its one wrong reply -7/8,
+    not the -2.6 that dividing by the std (0.33) gives."""
+    rewards = torch.tensor([[1.0] * 7 + [0.0], [2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0]],
+                           dtype=torch.float64)
+    adv = group_advantages(rewards, scale=False)
+    assert adv[0].tolist() == [0.125] * 7 + [-0.875]  # exact in binary floating point
+    assert adv[1].tolist() == [0.0] * 8
+    assert group_advantages(rewards)[0, -1].item() == pytest.approx(-7 ** 0.5, rel=1e-3)
+
+
+def test_grpo_without_reward_scaling_matches_the_formula_by_hand():
+    policy, ref, batch = TableLM(0), TableLM(1), _group_batch(True)
+    strategy = GRPOStrategy(policy, ref_model=ref, clip_eps=0.2, kl_coef=0.3, scale_rewards=False)
+    table, ref_table = policy.table.detach().tolist(), ref.table.detach().tolist()
+    assert strategy.compute_loss(batch).item() == pytest.approx(
+        _hand_grpo_loss(table, ref_table, batch, 0.2, 0.3, scale=False),
+        abs=reorder_bound(22 * 5 * 4, scale=10.0))
 
 
 def test_grpo_logs_rewards_and_zero_variance_groups():

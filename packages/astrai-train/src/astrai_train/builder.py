@@ -41,7 +41,7 @@ STRATEGY_FIELDS: dict[str, dict[str, str]] = {
     "sft": {"label_smoothing": "label_smoothing"},
     "dpo": {"beta": "dpo_beta", "reduction": "dpo_reduction", "rpo_alpha": "dpo_rpo_alpha"},
     "grpo": {"clip_eps": "grpo_clip_eps", "kl_coef": "grpo_kl_coef",
-             "group_size": "grpo_group_size"},
+             "group_size": "grpo_group_size", "scale_rewards": "grpo_scale_rewards"},
     "distill": {"temperature": "distill_temperature", "alpha": "distill_alpha"},
 }
 

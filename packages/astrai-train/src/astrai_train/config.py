@@ -101,6 +101,9 @@ class TrainConfig:
     grpo_clip_eps: float = _opt(0.2, "GRPO ratio clip: ratios are clipped to [1-eps, 1+eps].",
                                 gt=0, lt=1)
     grpo_kl_coef: float = _opt(0.04, "GRPO weight lambda of the squared log-ratio KL term.", ge=0)
+    grpo_scale_rewards: bool = _opt(
+        True, "GRPO advantages divided by their group's reward std (the paper's); off, they are "
+        "r - mean only (Dr. GRPO), so near-unanimous groups do not get magnified advantages.")
     grpo_group_size: int | None = _opt(
         None, "GRPO responses per prompt; checked against the data (unset: taken from it). Online "
         "dpo samples this many per prompt too (unset: 4).", ge=2)

@@ -1,6 +1,7 @@
 """The synthetic bilingual corpus (`astrai data synth`) and the rewards that check it."""
 
 from astrai_data.synth.corpus import NUMERIC as NUMERIC_TASKS
+from astrai_data.synth.corpus import VERIFIABLE as VERIFIABLE_TASKS
 from astrai_data.synth.rewards import (
     exact_answer_reward,
     extract_answer,
@@ -10,5 +11,5 @@ from astrai_data.synth.writer import DEFAULT_SIZE, SynthReport, synthesize, task
 
 __all__ = [
     "DEFAULT_SIZE", "NUMERIC_TASKS", "SynthReport", "exact_answer_reward", "extract_answer",
-    "format_reward", "synthesize", "task_spec",
+    "VERIFIABLE_TASKS", "format_reward", "synthesize", "task_spec",
 ]

@@ -25,7 +25,10 @@ TASKS: dict[str, Task] = {t.name: t for t in (
     ChitChat())}
 WEIGHTS = {"arithmetic": 30, "compare": 8, "successor": 7, "count": 7, "color": 12, "sound": 10,
            "opposite": 10, "translate": 10, "chat": 6}
-NUMERIC = ("arithmetic", "compare", "successor")  # verifiable answers: GRPO prompts
+NUMERIC = ("arithmetic", "compare", "successor")  # one number answers: scored by value
+# Answers a program checks (GRPO's prompts and rewards): the numeric tasks and counting, whose
+# answer is the whole sequence (the quickstart's SFT model counts on but stops at the wrong number).
+VERIFIABLE = (*NUMERIC, "count")
 QA_LABELS = {"en": ("Q: ", "A: "), "zh": ("问：", "答：")}
 ROLE_LABELS = {"en": ("User: ", "Assistant: "), "zh": ("用户：", "助手：")}
 JOIN = {"en": " ", "zh": ""}
@@ -144,7 +147,7 @@ def preference(rng: Random) -> dict[str, Any]:
 
 
 def grpo_prompt(rng: Random, split: Split = "train") -> dict[str, str]:
-    qa = sample_qa(rng, rng.choice(LANGS), split, NUMERIC)
+    qa = sample_qa(rng, rng.choice(LANGS), split, VERIFIABLE)
     assert qa.reference is not None
     return {"prompt": qa.prompt, "answer": qa.reference, "lang": qa.lang, "task": qa.task}
 
@@ -198,10 +201,10 @@ def eval_chats(seed: int, per_lang: int) -> list[dict[str, Any]]:
 
 
 def eval_prompts(seed: int, per_lang: int) -> list[dict[str, str]]:
-    """Held-out verifiable prompts (numeric tasks) with their answers, as GRPO's file."""
+    """Held-out verifiable prompts (numeric tasks and counting) with their answers, as GRPO's file."""
     rows = []
     for lang in LANGS:
-        for name, (key, prompt) in _tagged(_held_out_pools(seed, lang, NUMERIC, "grpo"), per_lang):
+        for name, (key, prompt) in _tagged(_held_out_pools(seed, lang, VERIFIABLE, "grpo"), per_lang):
             rows.append({"prompt": prompt, "answer": TASKS[name].reference(key), "lang": lang,
                          "task": name})
     return rows

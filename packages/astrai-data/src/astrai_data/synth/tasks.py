@@ -203,6 +203,10 @@ class Count(Task):
     def reply_template(self, key: Key, lang: str) -> str:
         return "{seq}." if lang == "en" else "{seq}。"
 
+    def reference(self, key: Key) -> str:
+        """The whole sequence, space-separated: every number must be there, in order."""
+        return " ".join(map(str, range(key[0], key[1] + 1)))
+
     def wrong_reply(self, key: Key, lang: str, rng: Random) -> str:
         numbers = list(range(key[0], key[1] + 1))
         del numbers[rng.randrange(1, len(numbers))]  # skip one number

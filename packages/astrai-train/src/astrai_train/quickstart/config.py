@@ -43,7 +43,10 @@ class StagePlan:
 # - pretrain 380 + SFT 240 steps is what fits five minutes of two cores with the evaluation
 #   (800 + 400 reached 86% / 84% but took 7.7 minutes); GRPO 40 steps at a low learning rate
 #   (5e-5): 2e-4 lowered held-out accuracy by 6 points, 1e-4 left it flat, 24 steps at 5e-5
-#   raised the reward but not accuracy, 48 at 3e-5 less than 48 at 5e-5.
+#   raised the reward but not accuracy, 48 at 3e-5 less than 48 at 5e-5. Advantages unscaled
+#   (Dr. GRPO): scaled by the group std, 40 steps swung arithmetic by up to 10 points either way;
+#   unscaled, 200 steps raised accuracy by 0.7 / 4.3 points, but 40 steps are all five minutes
+#   allow (docs/benchmarks.md).
 MUON = {"optimizer": "muon"}
 DEFAULT_PLANS: dict[str, StagePlan] = {
     "pretrain": StagePlan("pretrain", "seq", "pretrain.jsonl", steps=380, batch_size=16,
@@ -53,7 +56,8 @@ DEFAULT_PLANS: dict[str, StagePlan] = {
     "dpo": StagePlan("dpo", "dpo", "dpo.jsonl", steps=24, batch_size=16, learning_rate=5e-5,
                      values={"dpo_beta": 0.1, "dpo_rpo_alpha": 1.0}),
     "grpo": StagePlan("grpo", "grpo", "grpo.jsonl", steps=40, batch_size=8, learning_rate=5e-5,
-                      values={"grpo_kl_coef": 0.04, "grpo_clip_eps": 0.2}),
+                      values={"grpo_kl_coef": 0.04, "grpo_clip_eps": 0.2,
+                              "grpo_scale_rewards": False}),
 }
 
 

@@ -27,15 +27,18 @@ class RolloutSource(Protocol):
     def __call__(self, prompts: list[dict[str, Any]], policy: nn.Module) -> Batch: ...
 
 
-def group_advantages(rewards: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
-    """A_i = (r_i - mean) / (std + eps) within each group (last axis).
+def group_advantages(rewards: torch.Tensor, eps: float = 1e-4, scale: bool = True) -> torch.Tensor:
+    """A_i = (r_i - mean) / (std + eps) within each group (last axis); r_i - mean alone when
+    `scale` is off (Dr. GRPO, Liu et al. 2025: dividing by std weights the questions that are
+    nearly always right, or nearly always wrong, most).
 
     std is the population standard deviation (divide by G, not G - 1): advantages of a group
     with any spread then have exactly unit variance, and G = 2 gives A = +-1 (up to eps).
     """
-    mean = rewards.mean(-1, keepdim=True)
-    std = rewards.std(-1, keepdim=True, correction=0)
-    return (rewards - mean) / (std + eps)
+    centred = rewards - rewards.mean(-1, keepdim=True)
+    if not scale:
+        return centred
+    return centred / (rewards.std(-1, keepdim=True, correction=0) + eps)
 
 
 @StrategyFactory.register("grpo")
@@ -51,7 +54,8 @@ class GRPOStrategy(BaseStrategy):
     def __init__(self, model: nn.Module, device: str | torch.device = "cpu",
                  ref_model: nn.Module | None = None, clip_eps: float = 0.2,
                  kl_coef: float = 0.04, group_size: int | None = None,
-                 rollout_source: RolloutSource | None = None, adv_eps: float = 1e-4) -> None:
+                 rollout_source: RolloutSource | None = None, adv_eps: float = 1e-4,
+                 scale_rewards: bool = True) -> None:
         super().__init__(model, device)
         if not 0 < clip_eps < 1:
             raise ValueError(f"GRPO clip_eps must be in (0, 1), got {clip_eps}")
@@ -62,7 +66,7 @@ class GRPOStrategy(BaseStrategy):
         self.ref_model = ref_model if ref_model is not None else reference_of(model)
         self.clip_eps, self.kl_coef, self.group_size = clip_eps, kl_coef, group_size
         self.rollout_source = rollout_source
-        self.adv_eps = adv_eps
+        self.adv_eps, self.scale_rewards = adv_eps, scale_rewards
 
     def prepare_batch(self, batch: Any) -> Batch:
         if isinstance(batch, list):  # prompt items: sample and score the responses now
@@ -98,7 +102,8 @@ class GRPOStrategy(BaseStrategy):
         mask = batch["loss_mask"].view(B * G, T)
         logp = token_log_probs(self.model, ids, labels)  # (BG, T)
         # Advantages in float64 (B x G numbers: free), then in the log-probs' dtype.
-        adv = group_advantages(batch["rewards"].double(), self.adv_eps).view(B * G, 1).to(logp)
+        adv = group_advantages(batch["rewards"].double(), self.adv_eps,
+                               self.scale_rewards).view(B * G, 1).to(logp)
         with torch.no_grad():
             ref = token_log_probs(self.ref_model, ids, labels)
         old = batch.get("old_log_probs")
