@@ -10,6 +10,13 @@ from astrai_data.synth.rewards import (
 from astrai_data.synth.writer import DEFAULT_SIZE, SynthReport, synthesize, task_spec
 
 __all__ = [
-    "DEFAULT_SIZE", "NUMERIC_TASKS", "SynthReport", "exact_answer_reward", "extract_answer",
-    "VERIFIABLE_TASKS", "format_reward", "synthesize", "task_spec",
+    "DEFAULT_SIZE",
+    "NUMERIC_TASKS",
+    "VERIFIABLE_TASKS",
+    "SynthReport",
+    "exact_answer_reward",
+    "extract_answer",
+    "format_reward",
+    "synthesize",
+    "task_spec",
 ]
