@@ -191,7 +191,9 @@ def test_adapters_wrap_the_serving_kernels(model, quantize, tmp_path):
     """After `prepare_model` the layers are oneDNN-packed or int8 (no `.weight`): the adapters
     wrap them as they are, and still change the output."""
     folder = save_adapter(model, ADAPTERS["kv"][0], 1, tmp_path / "kv")
-    served = prepare_model(copy.deepcopy(model), quantize)
+    with pytest.raises(ValueError, match="fuse=False"):  # fused projections have no q_proj
+        ServedAdapters.load(prepare_model(copy.deepcopy(model), quantize), {"kv": folder})
+    served = prepare_model(copy.deepcopy(model), quantize, fuse=False)
     kernel = type(served.get_submodule("layers.0.self_attn.q_proj"))
     adapters = ServedAdapters.load(served, {"kv": folder})
     wrapped = served.get_submodule("layers.0.self_attn.q_proj")

@@ -113,9 +113,15 @@ class ServedAdapters:
     @classmethod
     def load(cls, model: nn.Module, folders: Mapping[str, str | Path]) -> ServedAdapters:
         """Read and check each adapter folder (name -> folder) against `model`, then wrap the
-        targeted layers of `model` in place. Call after `prepare_model`, before the engine."""
+        targeted layers of `model` in place. Call after `prepare_model(..., fuse=False)`,
+        before the engine: the adapters wrap the separate q/k/v and gate/up projections."""
         if not folders:
             raise ValueError("no adapter to serve: give at least one --lora NAME=DIR")
+        if any(getattr(m, "qkv_proj", None) is not None or getattr(m, "gate_up_proj", None) is not None
+               for m in model.modules()):
+            raise ValueError("this model's projections are fused for serving (prepare_model); "
+                             "LoRA adapters need them apart: call prepare_model(model, quantize, "
+                             "fuse=False) before ServedAdapters.load")
         adapters = {name: _read(name, Path(folder)) for name, folder in folders.items()}
         for name, adapter in adapters.items():
             _check_fits(name, adapter, model)

@@ -2,6 +2,9 @@
 layers (lm_head included); the model code never knows (ARCHITECTURE.md).
 
 `prepare_model(model, quantize)`:
+- first, q/k/v (and the attention gate) and the SwiGLU gate/up are fused into one product each
+  (`astrai_core.model.fusion`): 4 products per layer instead of 7, each paying its fixed cost
+  once; not when LoRA adapters will wrap those layers (`fuse=False`);
 - "none" on CPU with 2 or more threads: each weight is repacked once into oneDNN's blocked
   layout and multiplied by oneDNN (`torch.ops.mkldnn._linear_pointwise`, the kernel that
   torch.compile's CPU freezing uses). Same values, same dtype; the product splits over every
@@ -29,6 +32,7 @@ import warnings
 import torch
 from torch import nn
 
+from astrai_core.model.fusion import fuse_projections
 from astrai_core.model.linear import Linear
 from astrai_core.model.norm import RMSNorm
 
@@ -122,17 +126,20 @@ class Int8Linear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, int8 (fbgemm), bias={self.bias is not None}"
 
 
-def prepare_model(model: nn.Module, quantize: str = "none") -> nn.Module:
-    """Swap `model`'s linear layers (in place) for the serving kernels above; returns it.
-    Off CPU, or where torch lacks the kernels, "none" keeps the layers as they are."""
+def prepare_model(model: nn.Module, quantize: str = "none", fuse: bool = True) -> nn.Module:
+    """Fuse `model`'s input projections (unless `fuse` is off: LoRA adapters target the
+    separate layers) and swap its linear layers (in place) for the serving kernels above;
+    returns it. Off CPU, or where torch lacks the kernels, "none" keeps the layers' kernels."""
     if quantize not in QUANTIZE_MODES:
         raise ValueError(f"unknown quantization '{quantize}'; choose one of: {', '.join(QUANTIZE_MODES)}")
     p = next(model.parameters())
+    if quantize == "int8" and (p.device.type != "cpu" or not Int8Linear.supported()):
+        raise ValueError(f"--quantize int8 runs on CPU through torch's fbgemm kernels, which "
+                         f"this torch {torch.__version__} on {p.device.type} lacks; serve "
+                         "without --quantize")
+    if fuse:
+        fuse_projections(model)
     if quantize == "int8":
-        if p.device.type != "cpu" or not Int8Linear.supported():
-            raise ValueError(f"--quantize int8 runs on CPU through torch's fbgemm kernels, which "
-                             f"this torch {torch.__version__} on {p.device.type} lacks; serve "
-                             "without --quantize")
         for name, module in _linear_modules(model):
             _swap(model, name, Int8Linear(module))
         return model

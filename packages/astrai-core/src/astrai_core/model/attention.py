@@ -8,6 +8,7 @@ from torch import nn
 
 from astrai_core.model.cache import AttentionPlan, KVSpec, PagedCache
 from astrai_core.model.config import ModelConfig
+from astrai_core.model.fusion import fused_linear
 from astrai_core.model.linear import Linear
 from astrai_core.model.masks import causal_mask
 from astrai_core.model.norm import RMSNorm
@@ -63,6 +64,27 @@ class GQA(nn.Module):
         self.q_norm = RMSNorm(hd, config.norm_eps) if config.use_qk_norm else None
         self.k_norm = RMSNorm(hd, config.norm_eps) if config.use_qk_norm else None
         self.g_proj = Linear(dim, self.n_heads * hd) if config.use_gated_attention else None
+        self.qkv_proj: Linear | None = None  # serving only: q, k, v (and g) in one product
+
+    def fuse_projections(self) -> bool:
+        """Replace q/k/v (and g) by one `qkv_proj` (serving; `astrai_core.model.fusion`)."""
+        parts = [self.q_proj, self.k_proj, self.v_proj] + ([self.g_proj] if self.g_proj is not None else [])
+        fused = fused_linear(parts)
+        if fused is None:
+            return False
+        self._qkv_sizes = [p.out_features for p in parts]
+        self.qkv_proj, self.q_proj, self.k_proj, self.v_proj = fused, None, None, None
+        if self.g_proj is not None:
+            self.g_proj = None
+        return True
+
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(q, k, v, g or None), each (B, T, features)."""
+        if self.qkv_proj is not None:
+            q, k, v, *g = self.qkv_proj(x).split(self._qkv_sizes, dim=-1)
+            return q, k, v, (g[0] if g else None)
+        g = self.g_proj(x) if self.g_proj is not None else None
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x), g
 
     def kv_spec(self) -> KVSpec:
         return KVSpec(self.n_kv_heads, self.head_dim, self.n_kv_heads, self.head_dim)
@@ -75,9 +97,10 @@ class GQA(nn.Module):
         paged_cache: PagedCache | None = None,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k, v, gate = self._project(x)
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim)
         if self.q_norm is not None:  # Qwen3: per-head norm, before RoPE
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
@@ -88,6 +111,6 @@ class GQA(nn.Module):
             k, v = paged_cache.gather(self.layer_id)  # (B, Hkv, L, D)
         out = scaled_attention(q, k, v, attn_mask)
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
-        if self.g_proj is not None:
-            out = out * torch.sigmoid(self.g_proj(x))
+        if gate is not None:
+            out = out * torch.sigmoid(gate)
         return self.o_proj(out)

@@ -93,7 +93,8 @@ def load_engine(path: Path, options: EngineOptions | None = None) -> InferenceEn
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model "
                          f"only {model.config.vocab_size}; they do not belong together")
-    prepare_model(model, options.quantize)  # before the engine starts: the model never knows
+    # Before the engine starts: the model never knows. Adapters wrap the separate projections.
+    prepare_model(model, options.quantize, fuse=not options.lora)
     # After prepare_model: the adapters wrap the serving kernels, which keep the base fast.
     adapters = ServedAdapters.load(model, options.lora) if options.lora else None
     return InferenceEngine(model, tokenizer, max_batch_size=options.max_batch_size,
