@@ -279,6 +279,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="short smoke run: 32+32 tokens, 1 and 4 sequences")
     parser.add_argument("--work-dir", type=Path, default=None, help="where the model and GGUFs go (kept)")
+    parser.add_argument("--fusion-ab", action="store_true",
+                        help="also time the unfused serving model (prepare_model fuse=False), F32 at "
+                             "1 and 16 sequences and int8 at 1, interleaved with the fused one")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     prompt, gen, batches, prefill = (32, 32, [1, 4], 128) if args.quick else (128, 128, [1, 16, 64], 512)
@@ -313,9 +316,16 @@ def main() -> None:
     engines = {"astrai-f32": f32, "astrai-f32-plain": raw, "astrai-int8": int8}
     if bf16 is not None:
         engines["astrai-bf16"] = bf16
+    if args.fusion_ab:
+        engines["astrai-f32-unfused"] = prepare_model(AutoModel.from_pretrained(folder, dtype="float32"),
+                                                      "none", fuse=False)
+        engines["astrai-int8-unfused"] = prepare_model(AutoModel.from_pretrained(folder, dtype="float32"),
+                                                       "int8", fuse=False)
+    every_batch = ("astrai-f32", "astrai-f32-plain")
     for rep in range(repeat):
         for name, model in engines.items():
-            for b in batches if name in ("astrai-f32", "astrai-f32-plain") else batches[:1]:
+            sizes = batches if name in every_batch else batches[:2] if name == "astrai-f32-unfused" else batches[:1]
+            for b in sizes:
                 times.setdefault(name, {}).setdefault(b, []).append(astrai_run(model, b, prompt, gen))
             times[name].setdefault(-1, []).append(astrai_run(model, 1, prefill, 1))
             times[name].setdefault(-2, []).append(astrai_run(model, 1, prompt, 1))
@@ -371,6 +381,14 @@ def main() -> None:
             continue
         roof = roofline_seconds(n_params, nbytes or wb["int8"], 1, prompt, gen, limits)
         print(f"| {label} | {t:.2f} | {f32_1 / t:.2f}x | {roof / t:.0%} |")
+
+    if args.fusion_ab:
+        print(f"\n## Fused projections A/B (q/k/v and gate/up as one product each), {prompt} + {gen} tokens\n")
+        print("| path | unfused s | fused s | gain |\n|---|---|---|---|")
+        for label, name, b in [("F32", "astrai-f32", batches[0]), ("F32", "astrai-f32", batches[1]),
+                               ("int8", "astrai-int8", batches[0])]:
+            apart, fused = best(f"{name}-unfused", b), best(name, b)
+            print(f"| {label}, {b} sequence{'s' if b > 1 else ''} | {apart:.2f} | {fused:.2f} | {apart / fused:.2f}x |")
 
     ids = AutoTokenizer.from_pretrained(folder).encode(TEXT * 2)[:256]
     print("\n## Quality against F32 (teacher-forced logits on a fixed text, random weights)\n")
