@@ -321,11 +321,11 @@ def main() -> None:
                                                       "none", fuse=False)
         engines["astrai-int8-unfused"] = prepare_model(AutoModel.from_pretrained(folder, dtype="float32"),
                                                        "int8", fuse=False)
-    every_batch = ("astrai-f32", "astrai-f32-plain")
+    # Batch sizes per engine; the others run batch 1 only.
+    sizes = {"astrai-f32": batches, "astrai-f32-plain": batches, "astrai-f32-unfused": batches[:2]}
     for rep in range(repeat):
         for name, model in engines.items():
-            sizes = batches if name in every_batch else batches[:2] if name == "astrai-f32-unfused" else batches[:1]
-            for b in sizes:
+            for b in sizes.get(name, batches[:1]):
                 times.setdefault(name, {}).setdefault(b, []).append(astrai_run(model, b, prompt, gen))
             times[name].setdefault(-1, []).append(astrai_run(model, 1, prefill, 1))
             times[name].setdefault(-2, []).append(astrai_run(model, 1, prompt, 1))

@@ -65,6 +65,7 @@ class GQA(nn.Module):
         self.k_norm = RMSNorm(hd, config.norm_eps) if config.use_qk_norm else None
         self.g_proj = Linear(dim, self.n_heads * hd) if config.use_gated_attention else None
         self.qkv_proj: Linear | None = None  # serving only: q, k, v (and g) in one product
+        self._qkv_sizes: list[int] = []  # its output split back into q, k, v (and g)
 
     def fuse_projections(self) -> bool:
         """Replace q/k/v (and g) by one `qkv_proj` (serving; `astrai_core.model.fusion`)."""
@@ -73,9 +74,7 @@ class GQA(nn.Module):
         if fused is None:
             return False
         self._qkv_sizes = [p.out_features for p in parts]
-        self.qkv_proj, self.q_proj, self.k_proj, self.v_proj = fused, None, None, None
-        if self.g_proj is not None:
-            self.g_proj = None
+        self.qkv_proj, self.q_proj, self.k_proj, self.v_proj, self.g_proj = fused, None, None, None, None
         return True
 
     def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -24,15 +24,16 @@ def fused_linear(parts: list[nn.Module]) -> Linear | None:
         return None
     if len({p.in_features for p in parts}) != 1:
         return None
-    first = parts[0].weight
-    fused = Linear(parts[0].in_features, sum(p.out_features for p in parts),
-                   bias=any(p.bias is not None for p in parts))
-    with torch.no_grad():
-        fused.weight = nn.Parameter(torch.cat([p.weight for p in parts]), requires_grad=False)
-        if fused.bias is not None:
-            fused.bias = nn.Parameter(torch.cat([
-                p.bias if p.bias is not None else first.new_zeros(p.out_features) for p in parts
-            ]), requires_grad=False)
+    weight = torch.cat([p.weight.detach() for p in parts])
+    biases = [p.bias for p in parts]
+    with torch.device("meta"):  # the real tensors are the concatenations below: no throwaway init
+        fused = Linear(weight.shape[1], weight.shape[0], bias=any(b is not None for b in biases))
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    if fused.bias is not None:
+        fused.bias = nn.Parameter(torch.cat([
+            b.detach() if b is not None else weight.new_zeros(p.out_features)
+            for p, b in zip(parts, biases, strict=True)
+        ]), requires_grad=False)
     return fused
 
 

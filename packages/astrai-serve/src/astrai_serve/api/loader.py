@@ -93,9 +93,9 @@ def load_engine(path: Path, options: EngineOptions | None = None) -> InferenceEn
     if tokenizer.vocab_size > model.config.vocab_size:
         raise ValueError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens but the model "
                          f"only {model.config.vocab_size}; they do not belong together")
-    # Before the engine starts: the model never knows. Adapters wrap the separate projections.
+    # Before the engine starts: the model never knows. Then the adapters wrap the serving
+    # kernels (which keep the base fast), around the projections left apart for them.
     prepare_model(model, options.quantize, fuse=not options.lora)
-    # After prepare_model: the adapters wrap the serving kernels, which keep the base fast.
     adapters = ServedAdapters.load(model, options.lora) if options.lora else None
     return InferenceEngine(model, tokenizer, max_batch_size=options.max_batch_size,
                            max_seq_len=options.max_seq_len,
