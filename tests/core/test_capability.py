@@ -23,16 +23,16 @@ def fresh_detection(monkeypatch):
     ({"avx512f", "amx_bf16", "amx_tile"}, True),  # Intel Sapphire Rapids
 ])
 def test_cpu_bf16_is_native_only_with_bf16_instructions(monkeypatch, flags, native):
-    monkeypatch.setattr(capability, "_cpuinfo_flags", lambda: flags)
+    monkeypatch.setattr(capability, "cpu_flags", lambda: flags)
     assert capability.cpu_has_native_bf16() is native
     assert capability.compute_dtype("cpu") == (torch.bfloat16 if native else torch.float32)
 
 
 def test_the_override_wins_both_ways(monkeypatch):
-    monkeypatch.setattr(capability, "_cpuinfo_flags", lambda: {"avx512_bf16"})
+    monkeypatch.setattr(capability, "cpu_flags", lambda: {"avx512_bf16"})
     monkeypatch.setenv(capability.OVERRIDE_ENV, "0")
     assert capability.compute_dtype("cpu") == torch.float32
-    monkeypatch.setattr(capability, "_cpuinfo_flags", set)
+    monkeypatch.setattr(capability, "cpu_flags", set)
     monkeypatch.setenv(capability.OVERRIDE_ENV, "1")
     assert capability.compute_dtype("cpu") == torch.bfloat16
 
@@ -40,7 +40,7 @@ def test_the_override_wins_both_ways(monkeypatch):
 def test_training_autocast_follows_the_capability(monkeypatch):
     from astrai_train.builder import autocast_dtype
 
-    monkeypatch.setattr(capability, "_cpuinfo_flags", lambda: {"avx2"})
+    monkeypatch.setattr(capability, "cpu_flags", lambda: {"avx2"})
     assert autocast_dtype(torch.device("cpu"), "auto") is None  # fp32, no autocast
     assert autocast_dtype(torch.device("cpu"), "bfloat16") is torch.bfloat16  # asked for
     monkeypatch.setenv(capability.OVERRIDE_ENV, "1")

@@ -25,22 +25,24 @@ CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 OVERRIDE_ENV = "ASTRAI_CPU_BF16"
 
 
-def _cpuinfo_flags() -> set[str]:
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (Linux); empty elsewhere."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return set()
+        return frozenset()
     for line in text.splitlines():
         if line.startswith("flags"):
-            return set(line.partition(":")[2].split())
-    return set()
+            return frozenset(line.partition(":")[2].split())
+    return frozenset()
 
 
 @functools.cache
 def _detected_cpu_bf16() -> bool:
     # /proc/cpuinfo, not torch's private probes: those moved between torch releases. Off Linux
     # there is no cpuinfo and the answer is fp32, the safe one.
-    return bool(_cpuinfo_flags() & set(CPU_BF16_FLAGS))
+    return bool(cpu_flags() & set(CPU_BF16_FLAGS))
 
 
 def cpu_has_native_bf16() -> bool:

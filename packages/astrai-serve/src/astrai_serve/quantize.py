@@ -35,6 +35,7 @@ from torch import nn
 from astrai_core.model.fusion import fuse_projections
 from astrai_core.model.linear import Linear
 from astrai_core.model.norm import RMSNorm
+from astrai_serve import kernels
 
 QUANTIZE_MODES = ("none", "int8")
 INT8_MAX = 127
@@ -50,14 +51,19 @@ def _swap(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 class PackedLinear(nn.Module):
-    """A float linear layer whose weight lives in oneDNN's packed layout (CPU)."""
+    """A float linear layer whose weight lives in oneDNN's packed layout (CPU); fp32 products of
+    up to `kernels.MAX_ROWS` rows run `small_batch.c` on a plain copy, where it is faster."""
 
     def __init__(self, linear: nn.Module) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         with torch.no_grad():
-            self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach().contiguous())
+            weight = linear.weight.detach().clone()  # off any file mapping: anonymous (huge) pages stream faster
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight)
         self.bias = None if linear.bias is None else linear.bias.detach().clone()
+        # The plain copy doubles the layer's memory; it buys a third of the batch-1 decode time.
+        self._kernels = kernels.load() if weight.dtype == torch.float32 else None
+        self.weight = weight if self._kernels is not None else None
 
     @staticmethod
     def supported(model: nn.Module) -> bool:
@@ -69,11 +75,15 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        y = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")
+        if self._kernels is not None and flat.shape[0] <= kernels.MAX_ROWS and flat.dtype == torch.float32:
+            y = self._kernels.linear_f32(flat.contiguous(), self.weight, self.bias)
+        else:
+            y = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, oneDNN packed, bias={self.bias is not None}"
+        small = ", small-batch kernel" if self._kernels is not None else ""
+        return f"in={self.in_features}, out={self.out_features}, oneDNN packed{small}, bias={self.bias is not None}"
 
 
 class Int8Linear(nn.Module):
@@ -92,6 +102,12 @@ class Int8Linear(nn.Module):
             bias = None if linear.bias is None else linear.bias.detach().float()
             self.packed = torch.ops.quantized.linear_prepack(qweight, bias)
         self.bias = bias
+        # Up to kernels.MAX_ROWS rows: small_batch.c's int8 x int8 dot on a plain copy (the
+        # int8 weights again, a quarter of the fp32 bytes), activations 8-bit per row.
+        self._kernels = kernels.load()
+        if self._kernels is not None:
+            self.qweight = qweight.int_repr().contiguous()
+            self.scales = scales.contiguous()
         self._rows = torch.empty(0, self.in_features)  # scaled inputs + the pinning row, reused
 
     @staticmethod
@@ -111,6 +127,9 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).float()
         n = flat.shape[0]
+        if self._kernels is not None and n <= kernels.MAX_ROWS:
+            y = self._kernels.linear_q8(flat.contiguous(), self.qweight, self.scales, self.bias)
+            return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         peak = torch.linalg.vector_norm(flat, ord=float("inf"), dim=1, keepdim=True)
         peak.clamp_min_(torch.finfo(torch.float32).tiny)
         rows = self._scratch(n)
@@ -126,6 +145,33 @@ class Int8Linear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, int8 (fbgemm), bias={self.bias is not None}"
 
 
+class KernelRMSNorm(nn.Module):
+    """An fp32 RMSNorm run by `small_batch.c` in one pass (a decode step runs 2 per layer)."""
+
+    def __init__(self, norm: RMSNorm, small_batch: kernels.SmallBatchKernels) -> None:
+        super().__init__()
+        self.weight = norm.weight.detach().clone()
+        self.norm_eps = norm.norm_eps
+        self._kernels = small_batch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.float32:
+            raise TypeError(f"KernelRMSNorm runs fp32 activations, got {x.dtype}")
+        return self._kernels.rms_norm(x.contiguous(), self.weight, self.norm_eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.norm_eps}, small-batch kernel"
+
+
+def _swap_norms(model: nn.Module) -> None:
+    small_batch = kernels.load()
+    if small_batch is None:
+        return
+    for name, module in [(n, m) for n, m in model.named_modules() if type(m) is RMSNorm]:
+        if module.weight.dtype == torch.float32 and module.weight.device.type == "cpu":
+            _swap(model, name, KernelRMSNorm(module, small_batch))
+
+
 def prepare_model(model: nn.Module, quantize: str = "none", fuse: bool = True) -> nn.Module:
     """Fuse `model`'s input projections (unless `fuse` is off: LoRA adapters target the
     separate layers) and swap its linear layers (in place) for the serving kernels above;
@@ -139,6 +185,8 @@ def prepare_model(model: nn.Module, quantize: str = "none", fuse: bool = True) -
                          "without --quantize")
     if fuse:
         fuse_projections(model)
+    if p.device.type == "cpu":
+        _swap_norms(model)
     if quantize == "int8":
         for name, module in _linear_modules(model):
             _swap(model, name, Int8Linear(module))
@@ -164,6 +212,6 @@ def weight_bytes(model: nn.Module) -> int:
             total += module.in_features * module.out_features + 4 * module.out_features
         elif isinstance(module, PackedLinear) or type(module) in (Linear, nn.Linear):
             total += module.in_features * module.out_features * itemsize
-        elif isinstance(module, RMSNorm):
+        elif isinstance(module, (RMSNorm, KernelRMSNorm)):
             total += module.weight.numel() * itemsize
     return total

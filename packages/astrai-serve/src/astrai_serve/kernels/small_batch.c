@@ -1,0 +1,167 @@
+/* Linear layers for a few rows (decode steps of 1-8 sequences) on x86 CPUs with AVX2 and FMA.
+ *
+ * y (M, N) = x (M, K) W (N, K)^T + b, W in torch's plain row-major layout. With few rows the
+ * product is a read of W: each W row is streamed once, and dotted with every x row while it is
+ * in L1. Threads split W's rows (OpenMP, the runtime torch already loaded).
+ *
+ * Batch invariance: each output y[m][n] is computed in one fixed order that does not depend on
+ * M or on where the row falls in a tile, so a row's result is bit-identical alone or with up
+ * to 8 others:
+ *   f32: one 8-lane accumulator over k ascending in steps of 8, a fixed horizontal sum, then
+ *        the K % 8 tail in order, then the bias;
+ *   q8:  exact int32 integer dots (order-free), then sw[n] * sx[m] * dot + b[n].
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+
+#define F32_ROWS 8 /* W rows per tile at one x row: 8 independent FMA chains */
+
+static inline float hsum_ps(__m256 v) {
+    __m128 a = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    a = _mm_hadd_ps(a, a);
+    a = _mm_hadd_ps(a, a);
+    return _mm_cvtss_f32(a);
+}
+
+static inline int32_t hsum_epi32(__m256i v) {
+    __m128i a = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    a = _mm_hadd_epi32(a, a);
+    a = _mm_hadd_epi32(a, a);
+    return _mm_cvtsi128_si32(a);
+}
+
+/* The end of one f32 output: horizontal sum, the K % 8 tail, the bias. */
+static inline float f32_finish(__m256 acc, const float *x, const float *w, int64_t K8, int64_t K,
+                               const float *bias, int64_t n) {
+    float s = hsum_ps(acc);
+    for (int64_t k = K8; k < K; k++) s += x[k] * w[k];
+    return bias ? s + bias[n] : s;
+}
+
+/* R W rows (w .. w + (R-1) K) against one x row. */
+static void f32_rows(const float *x, const float *w, int R, float *y, int64_t n, int64_t K,
+                     const float *bias) {
+    const int64_t K8 = K & ~(int64_t)7;
+    __m256 acc[F32_ROWS];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K8; k += 8) {
+        __m256 xv = _mm256_loadu_ps(x + k);
+        for (int r = 0; r < R; r++) acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(w + r * K + k), xv, acc[r]);
+    }
+    for (int r = 0; r < R; r++) y[n + r] = f32_finish(acc[r], x, w + r * K, K8, K, bias, n + r);
+}
+
+/* Two W rows against four x rows: eight chains, each W load used four times. */
+static void f32_tile_2x4(const float *x, int64_t ldy, const float *w, float *y, int64_t n, int64_t K,
+                         const float *bias) {
+    const int64_t K8 = K & ~(int64_t)7;
+    const float *w0 = w, *w1 = w + K;
+    __m256 c[4][2];
+    for (int i = 0; i < 4; i++) c[i][0] = c[i][1] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K8; k += 8) {
+        __m256 b0 = _mm256_loadu_ps(w0 + k), b1 = _mm256_loadu_ps(w1 + k);
+        for (int i = 0; i < 4; i++) {
+            __m256 a = _mm256_loadu_ps(x + i * K + k);
+            c[i][0] = _mm256_fmadd_ps(a, b0, c[i][0]);
+            c[i][1] = _mm256_fmadd_ps(a, b1, c[i][1]);
+        }
+    }
+    for (int i = 0; i < 4; i++) {
+        y[i * ldy + n] = f32_finish(c[i][0], x + i * K, w0, K8, K, bias, n);
+        y[i * ldy + n + 1] = f32_finish(c[i][1], x + i * K, w1, K8, K, bias, n + 1);
+    }
+}
+
+void astrai_linear_f32(const float *x, const float *W, const float *bias, float *y, int64_t M,
+                       int64_t N, int64_t K, int threads) {
+    const int64_t groups = (N + F32_ROWS - 1) / F32_ROWS;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t g = 0; g < groups; g++) {
+        const int64_t n0 = g * F32_ROWS;
+        const int R = (int)(N - n0 < F32_ROWS ? N - n0 : F32_ROWS);
+        const float *w = W + n0 * K;
+        int64_t m = 0;
+        if (R == F32_ROWS)
+            for (; m + 4 <= M; m += 4)
+                for (int r = 0; r < R; r += 2) f32_tile_2x4(x + m * K, N, w + r * K, y + m * N, n0 + r, K, bias);
+        for (; m < M; m++) f32_rows(x + m * K, w, R, y + m * N, n0, K, bias);
+    }
+}
+
+/* Each x row as int8 with one scale, s = max|x| / 127: |q| <= 127, so the u8 x s8 products
+ * below sum in pairs to at most 2 * 127 * 127 < 2^15 and never saturate. */
+void astrai_quantize_rows(const float *x, int8_t *qx, float *sx, int64_t M, int64_t K) {
+    for (int64_t m = 0; m < M; m++) {
+        const float *row = x + m * K;
+        float peak = 0.0f;
+        for (int64_t k = 0; k < K; k++) peak = fmaxf(peak, fabsf(row[k]));
+        const float s = peak / 127.0f, inv = peak > 0.0f ? 127.0f / peak : 0.0f;
+        sx[m] = s;
+        for (int64_t k = 0; k < K; k++) qx[m * K + k] = (int8_t)lrintf(row[k] * inv);
+    }
+}
+
+/* One int8 W row against up to 4 quantized x rows: exact int32 dots. The sign trick (as in
+ * llama.cpp's q8_0 dot) makes x non-negative for the u8 x s8 multiply-add. */
+static void q8_row(const int8_t *qx, int M, const int8_t *w, int64_t K, int32_t *dot) {
+    const int64_t K32 = K & ~(int64_t)31;
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i acc[4];
+    for (int i = 0; i < M; i++) acc[i] = _mm256_setzero_si256();
+    for (int64_t k = 0; k < K32; k += 32) {
+        __m256i wv = _mm256_loadu_si256((const __m256i *)(w + k));
+        for (int i = 0; i < M; i++) {
+            __m256i xv = _mm256_loadu_si256((const __m256i *)(qx + i * K + k));
+            __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(xv, xv), _mm256_sign_epi8(wv, xv));
+            acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(p, ones));
+        }
+    }
+    for (int i = 0; i < M; i++) {
+        int32_t s = hsum_epi32(acc[i]);
+        for (int64_t k = K32; k < K; k++) s += (int32_t)qx[i * K + k] * (int32_t)w[k];
+        dot[i] = s;
+    }
+}
+
+void astrai_linear_q8(const int8_t *qx, const float *sx, const int8_t *W, const float *sw,
+                      const float *bias, float *y, int64_t M, int64_t N, int64_t K, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n = 0; n < N; n++) {
+        int32_t dot[4];
+        for (int64_t m = 0; m < M; m += 4) {
+            const int rows = (int)(M - m < 4 ? M - m : 4);
+            q8_row(qx + m * K, rows, W + n * K, K, dot);
+            for (int i = 0; i < rows; i++) {
+                const float v = sw[n] * sx[m + i] * (float)dot[i];
+                y[(m + i) * N + n] = bias ? v + bias[n] : v;
+            }
+        }
+    }
+}
+
+/* RMSNorm over the last axis, y = x / sqrt(mean(x^2) + eps) * w: one pass per row instead of
+ * the five tensor ops (and their allocations) of the unfused form, which cost more than the
+ * arithmetic for a decode step's few rows. Rows split over threads only when there are many. */
+void astrai_rms_norm(const float *x, const float *w, float eps, float *y, int64_t M, int64_t K,
+                     int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (M * K >= (1 << 16))
+    for (int64_t m = 0; m < M; m++) {
+        const float *row = x + m * K;
+        const int64_t K8 = K & ~(int64_t)7;
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t k = 0; k < K8; k += 8) {
+            __m256 v = _mm256_loadu_ps(row + k);
+            acc = _mm256_fmadd_ps(v, v, acc);
+        }
+        float ss = hsum_ps(acc);
+        for (int64_t k = K8; k < K; k++) ss += row[k] * row[k];
+        const float inv = 1.0f / sqrtf(ss / (float)K + eps);
+        const __m256 vinv = _mm256_set1_ps(inv);
+        float *out = y + m * K;
+        for (int64_t k = 0; k < K8; k += 8)
+            _mm256_storeu_ps(out + k, _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(row + k), vinv),
+                                                    _mm256_loadu_ps(w + k)));
+        for (int64_t k = K8; k < K; k++) out[k] = row[k] * inv * w[k];
+    }
+}

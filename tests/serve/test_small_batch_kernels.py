@@ -1,0 +1,153 @@
+"""`astrai_serve.kernels`: the small-batch CPU kernels equal their references within bounds
+derived from fp32 rounding, keep a row's result independent of its batch, and fall back to
+torch's kernels, with a reason, wherever they cannot be built."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tolerances import reorder_bound
+
+from astrai_core.model import RMSNorm
+from astrai_serve import kernels
+from astrai_serve.kernels import native
+from astrai_serve.quantize import Int8Linear, KernelRMSNorm, PackedLinear, prepare_model
+
+SHAPES = [(37, 29), (64, 96), (200, 768)]  # N, K: tails (N % 8, K % 8, K % 32) and none
+
+
+@pytest.fixture(scope="module")
+def small_batch():
+    loaded = kernels.load()
+    if loaded is None:
+        pytest.skip(kernels.status())
+    return loaded
+
+
+@pytest.fixture
+def fresh_load(monkeypatch, tmp_path):
+    """`load()` as a new process sees it, with an empty cache folder."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    native._load.cache_clear()
+    yield tmp_path / "astrai" / "kernels"
+    native._load.cache_clear()
+
+
+@pytest.mark.parametrize(("n", "k"), SHAPES)
+@pytest.mark.parametrize("rows", [1, 3, 4, 8])
+def test_f32_linear_is_within_fp32_reordering_of_the_exact_product(small_batch, n, k, rows):
+    torch.manual_seed(n + rows)
+    x, w, b = torch.randn(rows, k), torch.randn(n, k), torch.randn(n)
+    got = small_batch.linear_f32(x, w, b).double()
+    expected = F.linear(x.double(), w.double(), b.double())
+    scale = (x.double().abs() @ w.double().abs().T).max().item() + b.abs().max().item()
+    # Each output: two fp32 computations of a (k + 1)-term sum, each within (k) eps of exact.
+    assert (got - expected).abs().max().item() <= 2 * reorder_bound(k + 1, scale, torch.float32)
+
+
+def test_f32_and_int8_rows_are_bit_identical_alone_or_batched(small_batch):
+    torch.manual_seed(0)
+    x = torch.randn(8, 96) * torch.tensor([1, 100, 1e-2, 3, 1, 1, 7, 0.5])[:, None]
+    w = torch.randn(64, 96)
+    together = small_batch.linear_f32(x, w, None)
+    assert all(torch.equal(small_batch.linear_f32(x[i : i + 1], w, None)[0], together[i]) for i in range(8))
+    assert torch.equal(small_batch.linear_f32(x[[6, 1, 4]].contiguous(), w, None), together[[6, 1, 4]])
+    scales = w.abs().amax(1) / 127
+    qw = torch.round(w / scales[:, None]).to(torch.int8)
+    together = small_batch.linear_q8(x, qw, scales, None)
+    assert all(torch.equal(small_batch.linear_q8(x[i : i + 1], qw, scales, None)[0], together[i])
+               for i in range(8))
+
+
+@pytest.mark.parametrize(("n", "k"), SHAPES)
+def test_int8_dot_is_exact_on_the_quantized_values(small_batch, n, k):
+    """Integer dots are exact, so the only rounding left is the fp32 rescale: the kernel's x
+    quantization (round(x * 127 / max|x|)) redone in torch gives the same integers."""
+    torch.manual_seed(k)
+    x, w, b = torch.randn(5, k) * 3, torch.randn(n, k), torch.randn(n)
+    scales = w.abs().amax(1) / 127
+    qw = torch.round(w / scales[:, None]).to(torch.int8)
+    peak = x.abs().amax(1, keepdim=True)
+    qx = torch.round(x * (127 / peak))
+    dot = qx.double() @ qw.double().T  # exact: integers far below 2^53
+    expected = (scales[None, :].double() * (peak / 127).double() * dot + b.double())
+    got = small_batch.linear_q8(x, qw, scales, b).double()
+    # The rescale and the bias: a few fp32 roundings of numbers up to |expected|.
+    assert (got - expected).abs().max().item() <= 4 * torch.finfo(torch.float32).eps * expected.abs().max().item()
+
+
+@pytest.mark.parametrize("k", [29, 64, 768])
+def test_rms_norm_matches_the_model_norm(small_batch, k):
+    torch.manual_seed(k)
+    norm = RMSNorm(k, 1e-6)
+    torch.nn.init.normal_(norm.weight, 1.0, 0.3)
+    x = torch.randn(2, 3, k) * 5
+    expected = x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 1e-6) * norm.weight.double()
+    got = KernelRMSNorm(norm, small_batch)(x)
+    assert got.shape == x.shape
+    # The k-term sum of squares (k eps relative, halved by the square root) and three products.
+    bound = (k / 2 + 3) * torch.finfo(torch.float32).eps * expected.abs()
+    assert ((got.double() - expected).abs() <= bound + 1e-30).all()
+
+
+def test_prepare_model_uses_the_kernels_and_keeps_the_float_output(small_batch, model):
+    prepared = prepare_model(copy.deepcopy(model), "none")
+    assert not any(type(m) is RMSNorm for m in prepared.modules())
+    linears = [m for m in prepared.modules() if isinstance(m, PackedLinear)]
+    if linears:  # oneDNN present: its layers carry the small-batch copy for fp32
+        assert all(m.weight is not None for m in linears)
+    ids = torch.tensor([[5, 9, 17, 33, 2]])
+    with torch.no_grad():
+        expected, got = model(ids).double(), prepared(ids).double()
+    scale = expected.abs().max().item()
+    assert (got - expected).abs().max().item() <= 1e-3 * scale  # fp32 against fp32, reordered
+
+
+def test_int8_layer_uses_the_kernel_up_to_max_rows_and_fbgemm_beyond(small_batch):
+    layer = torch.nn.Linear(64, 48)
+    q = Int8Linear(layer)
+    x = torch.randn(kernels.MAX_ROWS + 4, 64)
+    small = q(x[: kernels.MAX_ROWS])
+    direct = small_batch.linear_q8(x[: kernels.MAX_ROWS].contiguous(), q.qweight, q.scales, q.bias)
+    assert torch.equal(small, direct)
+    large = q(x)  # fbgemm: 7-bit activations, within int8 rounding of the kernel's result
+    scale = (x.abs() @ layer.weight.detach().abs().T).max().item()
+    assert (large[: kernels.MAX_ROWS] - small).abs().max().item() <= scale * (1 / 127 + 1 / 254)
+
+
+def test_disabled_by_the_environment(monkeypatch, fresh_load):
+    monkeypatch.setenv(native.DISABLE_ENV, "0")
+    assert kernels.load() is None
+    assert kernels.status() == f"small-batch kernels off ({native.DISABLE_ENV}=0)"
+    linear = PackedLinear(torch.nn.Linear(16, 8))  # without kernels: oneDNN only, no copy
+    assert linear.weight is None
+
+
+def test_missing_compiler_falls_back_with_the_reason(monkeypatch, fresh_load):
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    assert kernels.load() is None
+    assert "no C compiler found" in kernels.status()
+    norm = prepare_model(torch.nn.Sequential(RMSNorm(8)), "none")[0]
+    assert type(norm) is RMSNorm  # the model keeps torch's kernels
+
+
+def test_a_failed_build_leaves_no_file(monkeypatch, fresh_load):
+    monkeypatch.setenv("CC", "false")  # a "compiler" that exits 1
+    assert kernels.load() is None
+    assert "false failed" in kernels.status()
+    assert list(fresh_load.iterdir()) == []
+
+
+def test_a_fresh_build_is_cached_and_reused(fresh_load):
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler")
+    first = kernels.load()
+    if first is None:
+        pytest.skip(kernels.status())
+    assert [p.name for p in fresh_load.iterdir()] == [first.path.name]
+    native._load.cache_clear()
+    assert kernels.load().path == first.path  # the cached library, not a second build
