@@ -10,12 +10,12 @@ import shutil
 import pytest
 import torch
 import torch.nn.functional as F
-from tolerances import reorder_bound
 
 from astrai_core.model import RMSNorm
 from astrai_serve import kernels
 from astrai_serve.kernels import native
 from astrai_serve.quantize import Int8Linear, KernelRMSNorm, PackedLinear, prepare_model
+from tolerances import reorder_bound
 
 SHAPES = [(37, 29), (64, 96), (200, 768)]  # N, K: tails (N % 8, K % 8, K % 32) and none
 
