@@ -23,6 +23,7 @@ tokenization of a fixed bilingual text with AstrAI's.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
@@ -39,7 +40,7 @@ from astrai_core import capability
 from astrai_core.export import export_gguf, load_source
 from astrai_core.model import AutoModel, ModelConfig, Transformer
 from astrai_core.tokenizer import AutoTokenizer, train_tokenizer
-from astrai_serve import InferenceEngine, SamplingParams
+from astrai_serve import InferenceEngine, SamplingParams, kernels
 from astrai_serve.quantize import prepare_model, weight_bytes
 
 CONFIG = dict(vocab_size=32000, dim=768, n_layers=12, dim_ffn=2048, n_heads=12, n_kv_heads=4,
@@ -232,7 +233,7 @@ def logit_error(ref_model, model, ids: list[int]) -> tuple[float, float, float]:
 
 def int8_kernels(threads: int, quick: bool) -> list[str]:
     """One linear layer (2048 x 768, and the 32000 x 768 lm_head) at 1, 16 and 64 rows through
-    each int8 candidate and the fp32 kernels; ms per call, best of the repeats."""
+    each int8 candidate and the fp32 kernels (ours included, though serving uses them up to 8 rows only); ms per call, best of the repeats."""
     import warnings
 
     from astrai_serve.quantize import Int8Linear, PackedLinear
@@ -249,18 +250,27 @@ def int8_kernels(threads: int, quick: bool) -> list[str]:
         w = lin.weight.data
         scales = w.abs().amax(1) / 127
         q = torch.round(w / scales[:, None]).to(torch.int8)
-        kernels = {"fp32 F.linear (MKL)": lambda x, w=w: F.linear(x, w),
-                   "fp32 oneDNN packed": PackedLinear(lin),
-                   "int8 fbgemm, per-row activations (ours)": Int8Linear(lin),
-                   "int8 weight-only torch._weight_int8pack_mm": lambda x, q=q, s=scales: torch._weight_int8pack_mm(x, q, s)}
+        with kernels.disabled():  # torch's kernels alone
+            packed, fbgemm = PackedLinear(lin), Int8Linear(lin)
+        candidates = {"fp32 F.linear (MKL)": lambda x, w=w: F.linear(x, w),
+                      "fp32 oneDNN packed": packed,
+                      "int8 fbgemm, per-row 7-bit activations": fbgemm,
+                      "int8 weight-only torch._weight_int8pack_mm":
+                          lambda x, q=q, s=scales: torch._weight_int8pack_mm(x, q, s)}
+        small = kernels.load()
+        if small is not None:
+            candidates |= {
+                "fp32 small-batch kernel (ours; served up to 8 rows)": lambda x, w=w, k=small: k.linear_f32(x, w, None),
+                "int8 x int8 small-batch kernel (ours; served up to 8 rows)":
+                    lambda x, q=q, s=scales, k=small: k.linear_q8(x, q, s, None)}
         if torchao is not None:
             m = torch.nn.Sequential(torch.nn.Linear(K, N, bias=False))
             m[0].weight.data = w.clone()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 quantize_(m, Int8WeightOnlyConfig())
-            kernels[f"int8 weight-only torchao {torchao.__version__}"] = m
-        for name, fn in kernels.items():
+            candidates[f"int8 weight-only torchao {torchao.__version__}"] = m
+        for name, fn in candidates.items():
             for M in (1, 16, 64):
                 x = torch.randn(M, K)
                 t = _best(lambda fn=fn, x=x: fn(x), 3 if quick else 10)
@@ -282,6 +292,10 @@ def main() -> None:
     parser.add_argument("--fusion-ab", action="store_true",
                         help="also time the unfused serving model (prepare_model fuse=False), F32 at "
                              "1 and 16 sequences and int8 at 1, interleaved with the fused one")
+    parser.add_argument("--kernels-ab", action="store_true",
+                        help="also time serving without the small-batch kernels (astrai_serve.kernels "
+                             "off: oneDNN/fbgemm, torch's RMSNorm, gathered pages and SDPA), F32 at "
+                             "1 and 16 sequences and int8 at 1, interleaved")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     prompt, gen, batches, prefill = (32, 32, [1, 4], 128) if args.quick else (128, 128, [1, 16, 64], 512)
@@ -290,7 +304,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     folder = build_model_folder(work)
     print(f"CPU: {capability.describe('cpu')}, {os.cpu_count()} logical CPUs, {args.threads} threads; "
-          f"torch {torch.__version__}; model {folder}")
+          f"torch {torch.__version__}; model {folder}\n{kernels.status()}")
 
     raw = AutoModel.from_pretrained(folder, dtype="float32")  # F.linear: the layers as trained
     f32 = prepare_model(AutoModel.from_pretrained(folder, dtype="float32"), "none")  # as served
@@ -321,14 +335,21 @@ def main() -> None:
                                                       "none", fuse=False)
         engines["astrai-int8-unfused"] = prepare_model(AutoModel.from_pretrained(folder, dtype="float32"),
                                                        "int8", fuse=False)
+    if args.kernels_ab:
+        with kernels.disabled():
+            for q in ("f32", "int8"):
+                engines[f"astrai-{q}-nokernels"] = prepare_model(
+                    AutoModel.from_pretrained(folder, dtype="float32"), "none" if q == "f32" else q)
     # Batch sizes per engine; the others run batch 1 only.
-    sizes = {"astrai-f32": batches, "astrai-f32-plain": batches, "astrai-f32-unfused": batches[:2]}
+    sizes = {"astrai-f32": batches, "astrai-f32-plain": batches, "astrai-f32-unfused": batches[:2],
+             "astrai-f32-nokernels": batches[:2]}
     for rep in range(repeat):
         for name, model in engines.items():
-            for b in sizes.get(name, batches[:1]):
-                times.setdefault(name, {}).setdefault(b, []).append(astrai_run(model, b, prompt, gen))
-            times[name].setdefault(-1, []).append(astrai_run(model, 1, prefill, 1))
-            times[name].setdefault(-2, []).append(astrai_run(model, 1, prompt, 1))
+            with kernels.disabled() if name.endswith("-nokernels") else contextlib.nullcontext():
+                for b in sizes.get(name, batches[:1]):
+                    times.setdefault(name, {}).setdefault(b, []).append(astrai_run(model, b, prompt, gen))
+                times[name].setdefault(-1, []).append(astrai_run(model, 1, prefill, 1))
+                times[name].setdefault(-2, []).append(astrai_run(model, 1, prompt, 1))
         for kind, path in ggufs.items():
             pls = batches if kind == "f32" else batches[:1]
             for b, (t, t_tg) in llama_batched(bin_dir, path, args.threads, prompt, gen, pls).items():
@@ -382,13 +403,18 @@ def main() -> None:
         roof = roofline_seconds(n_params, nbytes or wb["int8"], 1, prompt, gen, limits)
         print(f"| {label} | {t:.2f} | {f32_1 / t:.2f}x | {roof / t:.0%} |")
 
-    if args.fusion_ab:
-        print(f"\n## Fused projections A/B (q/k/v and gate/up as one product each), {prompt} + {gen} tokens\n")
-        print("| path | unfused s | fused s | gain |\n|---|---|---|---|")
+    for flag, suffix, title, off, on in [
+            (args.fusion_ab, "unfused", "Fused projections A/B (q/k/v and gate/up as one product each)",
+             "unfused", "fused"),
+            (args.kernels_ab, "nokernels", "Small-batch kernels A/B (astrai_serve.kernels)", "off", "on")]:
+        if not flag:
+            continue
+        print(f"\n## {title}, {prompt} + {gen} tokens\n")
+        print(f"| path | {off} s | {on} s | gain |\n|---|---|---|---|")
         for label, name, b in [("F32", "astrai-f32", batches[0]), ("F32", "astrai-f32", batches[1]),
                                ("int8", "astrai-int8", batches[0])]:
-            apart, fused = best(f"{name}-unfused", b), best(name, b)
-            print(f"| {label}, {b} sequence{'s' if b > 1 else ''} | {apart:.2f} | {fused:.2f} | {apart / fused:.2f}x |")
+            a, b_ = best(f"{name}-{suffix}", b), best(name, b)
+            print(f"| {label}, {b} sequence{'s' if b > 1 else ''} | {a:.2f} | {b_:.2f} | {a / b_:.2f}x |")
 
     ids = AutoTokenizer.from_pretrained(folder).encode(TEXT * 2)[:256]
     print("\n## Quality against F32 (teacher-forced logits on a fixed text, random weights)\n")

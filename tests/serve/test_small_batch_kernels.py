@@ -11,11 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from astrai_core.model import RMSNorm
+from astrai_core.model import ModelConfig, RMSNorm, Transformer
+from astrai_serve import KVCache
 from astrai_serve import kernels
 from astrai_serve.kernels import native
 from astrai_serve.quantize import Int8Linear, KernelRMSNorm, PackedLinear, prepare_model
-from tolerances import reorder_bound
+from tolerances import forward_bound, reorder_bound
 
 SHAPES = [(37, 29), (64, 96), (200, 768)]  # N, K: tails (N % 8, K % 8, K % 32) and none
 
@@ -151,3 +152,59 @@ def test_a_fresh_build_is_cached_and_reused(fresh_load):
     assert [p.name for p in fresh_load.iterdir()] == [first.path.name]
     native._load.cache_clear()
     assert kernels.load().path == first.path  # the cached library, not a second build
+
+
+MODELS = {
+    "gqa-qk-norm-gated": dict(use_qk_norm=True, use_gated_attention=True),
+    "mla": dict(attention_type="mla", kv_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                v_head_dim=16),  # gathers: the kernel step plans its groups on demand
+}
+
+
+@pytest.mark.parametrize("extra", MODELS.values(), ids=MODELS)
+@torch.inference_mode()
+def test_a_decode_step_over_the_cached_pages_equals_the_full_forward(small_batch, extra):
+    """fp32 decode rows of different lengths on scattered pages, through the prepared model
+    (kernel linears, norms and paged decode attention): each row's logits match a dense fp32
+    forward of its whole sequence."""
+    torch.manual_seed(0)
+    config = ModelConfig(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, dim_ffn=96,
+                         max_seq_len=128, **extra)
+    reference = Transformer(config).eval()
+    model = prepare_model(copy.deepcopy(reference), "none")
+    cache = KVCache(model.kv_spec(), config.n_layers, page_size=4, max_tokens=256)
+    seqs = torch.randint(0, 64, (3, 40), generator=torch.Generator().manual_seed(1))
+    done = {0: 33, 1: 7, 2: 18}
+    for row in (2, 0, 1):  # allocation order scatters the pages
+        cache.task_alloc(row, seqs[row].tolist())
+        cache.task_extend(row, done[row] + 1)
+        view = cache.bind([row], [0], done[row])
+        model(seqs[row : row + 1, : done[row]], paged_cache=view, position_ids=view.position_ids)
+    view = cache.bind_packed([(r, done[r]) for r in (0, 2, 1)], [])
+    assert view._kernels is not None
+    ids = torch.tensor([[int(seqs[r, done[r]]) for r in (0, 2, 1)]])
+    logits = model(ids, paged_cache=view, position_ids=view.position_ids)[0]
+    expected = torch.cat([reference(seqs[r : r + 1, : done[r] + 1])[0, -1:] for r in (0, 2, 1)])
+    bound = forward_bound(config.n_layers, max(config.dim, config.dim_ffn, 40),
+                          scale=expected.abs().max().item(), dtype=torch.float32)
+    assert (logits - expected).abs().max().item() <= bound
+
+
+def test_paged_decode_attention_equals_sdpa_over_the_gathered_keys(small_batch):
+    torch.manual_seed(0)
+    page_size, hkv, rep, d = 4, 2, 3, 24  # D not a multiple of 8: the tails
+    k_cache, v_cache = torch.randn(2, 30, page_size, hkv, d).unbind(0)
+    lengths = torch.tensor([17, 1, 9])
+    pages = torch.stack([torch.randperm(30)[:5] for _ in range(3)])
+    q = torch.randn(3, hkv * rep, d)
+    got = small_batch.paged_decode_attention(q, k_cache, v_cache, pages, lengths, d**-0.5)
+    for b, length in enumerate(lengths.tolist()):
+        keys = k_cache[pages[b]].reshape(-1, hkv, d)[:length].transpose(0, 1).double()  # (Hkv, L, D)
+        vals = v_cache[pages[b]].reshape(-1, hkv, d)[:length].transpose(0, 1).double()
+        qb = q[b].view(hkv, rep, d).double()
+        expected = F.scaled_dot_product_attention(qb, keys, vals, scale=d**-0.5).reshape(hkv * rep, d)
+        # Softmax weights sum to 1, so the output's error is that of the scores (a d-term dot,
+        # exp's few ulp) times max |v|, plus the L-term weighted sum.
+        bound = (2 * d * (q.abs().max() * k_cache.abs().max()).item() * d**-0.5 + length + 8) \
+            * torch.finfo(torch.float32).eps * v_cache.abs().max().item()
+        assert (got[b].double() - expected).abs().max().item() <= bound

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from astrai_core.model.cache import AttentionPlan, KVSpec, PagedCache
+from astrai_core.model.cache import AttentionPlan, CachedAttention, KVSpec, PagedCache
 from astrai_core.model.config import ModelConfig
 from astrai_core.model.fusion import fused_linear
 from astrai_core.model.linear import Linear
@@ -107,8 +107,12 @@ class GQA(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if paged_cache is not None:
             paged_cache.write(self.layer_id, k, v)
-            k, v = paged_cache.gather(self.layer_id)  # (B, Hkv, L, D)
-        out = scaled_attention(q, k, v, attn_mask)
+        if paged_cache is not None and isinstance(attn_mask, CachedAttention):
+            out = attn_mask.attend_cached(self.layer_id, q, None)
+        else:
+            if paged_cache is not None:
+                k, v = paged_cache.gather(self.layer_id)  # (B, Hkv, L, D)
+            out = scaled_attention(q, k, v, attn_mask)
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
         if gate is not None:
             out = out * torch.sigmoid(gate)

@@ -46,6 +46,18 @@ class AttentionPlan(Protocol):
 
 
 @runtime_checkable
+class CachedAttention(Protocol):
+    """An `AttentionPlan` that also attends straight over its cache's stored keys and values,
+    reading its own pages instead of a gathered copy (serving's CPU kernels do). Only for
+    attention over the stored K/V as they are (GQA); MLA transforms its keys first, so it
+    gathers."""
+
+    def attend_cached(self, layer_id: int, q: torch.Tensor, scale: float | None) -> torch.Tensor:
+        """q (B, heads, T, dim), this step's keys already written -> (B, heads, T, v_dim)."""
+        ...
+
+
+@runtime_checkable
 class PagedCache(Protocol):
     """Per-forward view of a KV cache for a batch of B rows with T new tokens each."""
 

@@ -15,6 +15,7 @@ crash mid-build never leaves a half-written library for the next process.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -24,6 +25,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,8 +59,9 @@ class SmallBatchKernels:
         self.lib.astrai_quantize_rows.argtypes = [_c_ptr] * 3 + [_c_i64] * 2
         self.lib.astrai_linear_q8.argtypes = [_c_ptr] * 6 + [_c_i64] * 3 + [_c_int]
         self.lib.astrai_rms_norm.argtypes = [_c_ptr, _c_ptr, ctypes.c_float, _c_ptr, _c_i64, _c_i64, _c_int]
+        self.lib.astrai_paged_decode_attention.argtypes = [_c_ptr] * 7 + [_c_i64] * 7 + [ctypes.c_float, _c_int]
         for fn in (self.lib.astrai_linear_f32, self.lib.astrai_quantize_rows, self.lib.astrai_linear_q8,
-                   self.lib.astrai_rms_norm):
+                   self.lib.astrai_rms_norm, self.lib.astrai_paged_decode_attention):
             fn.restype = None
 
     def linear_f32(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -91,6 +94,20 @@ class SmallBatchKernels:
         return y
 
 
+    def paged_decode_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                               pages: torch.Tensor, lengths: torch.Tensor, scale: float) -> torch.Tensor:
+        """q (B, H, D) fp32 contiguous, one query per row; k_cache (n_pages, page_size, Hkv, D)
+        and v_cache (n_pages, page_size, Hkv, Dv), one layer; pages (B, max_pages) and
+        lengths (B,) int64 -> (B, H, Dv)."""
+        (b, h, d), (_, page_size, hkv, dv) = q.shape, v_cache.shape
+        max_pages = pages.shape[1]
+        out = torch.empty(b, h, dv, dtype=torch.float32)
+        scratch = torch.empty(b * h * max_pages * page_size, dtype=torch.float32)
+        self.lib.astrai_paged_decode_attention(
+            _ptr(q), _ptr(k_cache), _ptr(v_cache), _ptr(pages), _ptr(lengths), _ptr(out), _ptr(scratch),
+            b, h, hkv, d, dv, page_size, max_pages, scale, torch.get_num_threads())
+        return out
+
 class _Unavailable(Exception):
     """Why the kernels are not in use: one line for `status()`."""
 
@@ -115,6 +132,23 @@ def status() -> str:
     kernels = _load()
     return f"small-batch kernels: {kernels.path}" if isinstance(kernels, SmallBatchKernels) \
         else f"small-batch kernels off ({kernels})"
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Serving as without the kernels, for A/B runs in one process: models prepared and steps
+    run inside use torch's kernels (a model prepared outside keeps the layers it was given)."""
+    before = os.environ.get(DISABLE_ENV)
+    os.environ[DISABLE_ENV] = "0"
+    _load.cache_clear()
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(DISABLE_ENV, None)
+        else:
+            os.environ[DISABLE_ENV] = before
+        _load.cache_clear()
 
 
 def _build_and_load() -> SmallBatchKernels:

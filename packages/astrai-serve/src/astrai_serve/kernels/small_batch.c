@@ -165,3 +165,63 @@ void astrai_rms_norm(const float *x, const float *w, float eps, float *y, int64_
         for (int64_t k = K8; k < K; k++) out[k] = row[k] * inv * w[k];
     }
 }
+
+static inline float dot_f32(const float *a, const float *b, int64_t n) {
+    const int64_t n8 = n & ~(int64_t)7;
+    __m256 acc = _mm256_setzero_ps();
+    for (int64_t i = 0; i < n8; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    float s = hsum_ps(acc);
+    for (int64_t i = n8; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+/* Decode attention straight from the paged cache: one query token per row b, over its
+ * lengths[b] cached keys, which live on pages[b][0..], without first copying those pages into
+ * a contiguous buffer (the copy cost more than the attention at decode).
+ *
+ * q (B, H, D); k_cache (n_pages, page_size, Hkv, D) and v_cache (n_pages, page_size, Hkv, Dv),
+ * one layer's storage; pages (B, max_pages); out (B, H, Dv); scratch (B, Hkv, rep, max_pages *
+ * page_size) for the scores. Each KV head is read once for
+ * its H / Hkv query heads. Softmax in fp32 with the max subtracted, as SDPA does. */
+void astrai_paged_decode_attention(const float *q, const float *k_cache, const float *v_cache,
+                                   const int64_t *pages, const int64_t *lengths, float *out,
+                                   float *scratch, int64_t B, int64_t H, int64_t Hkv, int64_t D, int64_t Dv,
+                                   int64_t page_size, int64_t max_pages, float scale, int threads) {
+    const int64_t rep = H / Hkv;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (int64_t task = 0; task < B * Hkv; task++) {
+        const int64_t b = task / Hkv, g = task % Hkv, L = lengths[b];
+        const int64_t *row_pages = pages + b * max_pages;
+        float *scores = scratch + task * rep * max_pages * page_size;
+        const float *qg = q + (b * H + g * rep) * D;
+        for (int64_t j = 0; j < L; j++) {
+            const int64_t slot = row_pages[j / page_size] * page_size + j % page_size;
+            const float *kj = k_cache + (slot * Hkv + g) * D;
+            for (int64_t r = 0; r < rep; r++) scores[r * L + j] = scale * dot_f32(qg + r * D, kj, D);
+        }
+        for (int64_t r = 0; r < rep; r++) {
+            float *s = scores + r * L, peak = -INFINITY, total = 0.0f;
+            for (int64_t j = 0; j < L; j++) peak = fmaxf(peak, s[j]);
+            for (int64_t j = 0; j < L; j++) total += (s[j] = expf(s[j] - peak));
+            const float inv = 1.0f / total;
+            for (int64_t j = 0; j < L; j++) s[j] *= inv;
+        }
+        for (int64_t r = 0; r < rep; r++) {
+            float *o = out + (b * H + g * rep + r) * Dv;
+            for (int64_t d = 0; d < Dv; d++) o[d] = 0.0f;
+        }
+        for (int64_t j = 0; j < L; j++) {
+            const int64_t slot = row_pages[j / page_size] * page_size + j % page_size;
+            const float *vj = v_cache + (slot * Hkv + g) * Dv;
+            for (int64_t r = 0; r < rep; r++) {
+                const __m256 p = _mm256_set1_ps(scores[r * L + j]);
+                const float pj = scores[r * L + j];
+                float *o = out + (b * H + g * rep + r) * Dv;
+                int64_t d = 0;
+                for (; d + 8 <= Dv; d += 8)
+                    _mm256_storeu_ps(o + d, _mm256_fmadd_ps(p, _mm256_loadu_ps(vj + d), _mm256_loadu_ps(o + d)));
+                for (; d < Dv; d++) o[d] += pj * vj[d];
+            }
+        }
+    }
+}

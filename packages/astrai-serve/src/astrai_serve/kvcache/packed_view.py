@@ -14,6 +14,11 @@ Packed key axis (what `gather` returns, per layer): the decode groups' pages, B_
 then each prefill chunk's pages, copied from storage in one `index_select` per tensor. When the
 step holds only fresh prompts (nothing cached), the keys are exactly this step's and nothing is
 copied.
+
+A decode-only step on CPU in fp32 skips both the copy and the grouping: `attend_cached` (the
+`CachedAttention` seam, which GQA uses) runs `small_batch.c`'s paged decode attention over each
+row's own pages in storage. With one query per row, copying the pages cost more than the
+attention itself.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from astrai_core.model import causal_mask
+from astrai_serve import kernels
 from astrai_serve.kvcache.storage import Storage
 
 GROUP_RATIO = 0.75  # a decode row joins a group while it needs this share of its longest row's pages
@@ -67,15 +73,35 @@ class PackedView:
         self._fresh = not decode and all(s.start == 0 for s in prefill)
         self._new: tuple[torch.Tensor, torch.Tensor] | None = None
         positions, slots = self._token_layout(decode, prefill)
-        pages: list[int] = []
-        self._groups = self._plan_decode(decode, pages)
-        self._chunks = self._plan_prefill(prefill, pages, q_off=len(decode))
-        # One host-to-device copy for the step's three index tensors, then views into it.
+        self._kernels = self._decode_kernels(storage, decode, prefill)
+        self._decode = decode
+        index: list[int] = []
+        if self._kernels is not None:  # per-row page table (B, max_pages) and key counts
+            width = max(len(s.pages) for s in decode)
+            index = [p for s in decode for p in s.pages + [0] * (width - len(s.pages))]
+            index += [s.start + 1 for s in decode]
+            self._groups: list[_DecodeGroup] | None = None  # planned only if something gathers
+            self._chunks: list[_Chunk] = []
+        else:
+            self._groups = self._plan_decode(decode, index)
+            self._chunks = self._plan_prefill(prefill, index, q_off=len(decode))
+        # One host-to-device copy for the step's index tensors, then views into it.
         n = len(positions)
-        flat = torch.tensor(positions + slots + pages, dtype=torch.long, device=device)
+        flat = torch.tensor(positions + slots + index, dtype=torch.long, device=device)
         self.position_ids = flat[:n][None]  # (1, N)
         self._slots = flat[n : 2 * n]
-        self._pages = flat[2 * n :]
+        if self._kernels is not None:
+            self._page_table = flat[2 * n : 2 * n + n * width].view(n, width)
+            self._lengths = flat[2 * n + n * width :]
+        else:
+            self._pages = flat[2 * n :]
+
+    @staticmethod
+    def _decode_kernels(storage: Storage, decode: Sequence[Segment], prefill: Sequence[Segment]
+                        ) -> kernels.SmallBatchKernels | None:
+        if prefill or not decode or storage.device.type != "cpu" or storage.dtype != torch.float32:
+            return None
+        return kernels.load()
 
     # -- layout ------------------------------------------------------------------------------
     def _token_layout(self, decode: Sequence[Segment], prefill: Sequence[Segment]
@@ -136,6 +162,10 @@ class PackedView:
         """The packed key axis: (1, heads, keys, dim) each."""
         if self._new is not None:
             return self._new
+        if self._groups is None:  # a kernel step whose model gathers anyway (MLA): plan now
+            pages: list[int] = []
+            self._groups = self._plan_decode(self._decode, pages)
+            self._pages = torch.tensor(pages, dtype=torch.long, device=self._storage.device)
         k, v = self._storage.gather(layer_id, self._pages)
         k = k.view(1, -1, k.shape[2], k.shape[3]).transpose(1, 2)
         v = v.view(1, -1, v.shape[2], v.shape[3]).transpose(1, 2)
@@ -144,9 +174,22 @@ class PackedView:
     def attention_mask(self) -> PackedView:
         return self
 
+    # -- CachedAttention ----------------------------------------------------------------------
+    def attend_cached(self, layer_id: int, q: torch.Tensor, scale: float | None) -> torch.Tensor:
+        """q (1, H, N, D) -> (1, H, N, v_dim), over the stored keys (this step's written)."""
+        if self._kernels is None:
+            k, v = self.gather(layer_id)
+            return self.attend(q, k, v, scale)
+        rows = q[0].transpose(0, 1).contiguous()  # (N, H, D): one query per decode row
+        out = self._kernels.paged_decode_attention(
+            rows, self._storage.k_cache[layer_id], self._storage.v_cache[layer_id], self._page_table,
+            self._lengths, q.shape[-1] ** -0.5 if scale is None else scale)
+        return out.transpose(0, 1)[None]
+
     # -- AttentionPlan ------------------------------------------------------------------------
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
         """q (1, H, N, D); k/v (1, Hkv, keys, D) in the packed layout -> (1, H, N, v_dim)."""
+        assert self._groups is not None, "attend() runs on keys from gather()"
         outs = [self._attend_decode(g, q, k, v, scale) for g in self._groups]
         outs += [self._attend_chunk(c, q, k, v, scale) for c in self._chunks]
         return torch.cat(outs, dim=1)[None] if len(outs) > 1 else outs[0][None]
