@@ -12,8 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from astrai_core.model import ModelConfig, RMSNorm, Transformer
-from astrai_serve import KVCache
-from astrai_serve import kernels
+from astrai_serve import KVCache, kernels
 from astrai_serve.kernels import native
 from astrai_serve.quantize import Int8Linear, KernelRMSNorm, PackedLinear, prepare_model
 from tolerances import forward_bound, reorder_bound
