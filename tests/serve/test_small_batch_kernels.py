@@ -17,7 +17,7 @@ from astrai_serve.kernels import native
 from astrai_serve.quantize import Int8Linear, KernelRMSNorm, PackedLinear, prepare_model
 from tolerances import forward_bound, reorder_bound
 
-SHAPES = [(37, 29), (64, 96), (200, 768)]  # N, K: tails (N % 8, K % 8, K % 32) and none
+SHAPES = [(37, 29), (64, 96), (200, 768)]  # N, K: tails (N % 24, N % 8, K % 8, K % 32) and none
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ def fresh_load(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize(("n", "k"), SHAPES)
-@pytest.mark.parametrize("rows", [1, 3, 4, 8])
+@pytest.mark.parametrize("rows", [1, 3, 4, 8, 16])
 def test_f32_linear_is_within_fp32_reordering_of_the_exact_product(small_batch, n, k, rows):
     torch.manual_seed(n + rows)
     x, w, b = torch.randn(rows, k), torch.randn(n, k), torch.randn(n)
@@ -51,11 +51,12 @@ def test_f32_linear_is_within_fp32_reordering_of_the_exact_product(small_batch, 
 
 def test_f32_and_int8_rows_are_bit_identical_alone_or_batched(small_batch):
     torch.manual_seed(0)
-    x = torch.randn(8, 96) * torch.tensor([1, 100, 1e-2, 3, 1, 1, 7, 0.5])[:, None]
+    x = torch.randn(16, 96) * torch.tensor([1, 100, 1e-2, 3, 1, 1, 7, 0.5] * 2)[:, None]
     w = torch.randn(64, 96)
-    together = small_batch.linear_f32(x, w, None)
-    assert all(torch.equal(small_batch.linear_f32(x[i : i + 1], w, None)[0], together[i]) for i in range(8))
+    together = small_batch.linear_f32(x, w, None)  # tiles of 4 rows
+    assert all(torch.equal(small_batch.linear_f32(x[i : i + 1], w, None)[0], together[i]) for i in range(16))
     assert torch.equal(small_batch.linear_f32(x[[6, 1, 4]].contiguous(), w, None), together[[6, 1, 4]])
+    x = x[:8]
     scales = w.abs().amax(1) / 127
     qw = torch.round(w / scales[:, None]).to(torch.int8)
     together = small_batch.linear_q8(x, qw, scales, None)
@@ -107,16 +108,16 @@ def test_prepare_model_uses_the_kernels_and_keeps_the_float_output(small_batch, 
     assert (got - expected).abs().max().item() <= 1e-3 * scale  # fp32 against fp32, reordered
 
 
-def test_int8_layer_uses_the_kernel_up_to_max_rows_and_fbgemm_beyond(small_batch):
+def test_int8_layer_uses_the_kernel_up_to_its_row_limit_and_fbgemm_beyond(small_batch):
     layer = torch.nn.Linear(64, 48)
     q = Int8Linear(layer)
-    x = torch.randn(kernels.MAX_ROWS + 4, 64)
-    small = q(x[: kernels.MAX_ROWS])
-    direct = small_batch.linear_q8(x[: kernels.MAX_ROWS].contiguous(), q.qweight, q.scales, q.bias)
+    x = torch.randn(kernels.INT8_MAX_ROWS + 4, 64)
+    small = q(x[: kernels.INT8_MAX_ROWS])
+    direct = small_batch.linear_q8(x[: kernels.INT8_MAX_ROWS].contiguous(), q.qweight, q.scales, q.bias)
     assert torch.equal(small, direct)
     large = q(x)  # fbgemm: 7-bit activations, within int8 rounding of the kernel's result
     scale = (x.abs() @ layer.weight.detach().abs().T).max().item()
-    assert (large[: kernels.MAX_ROWS] - small).abs().max().item() <= scale * (1 / 127 + 1 / 254)
+    assert (large[: kernels.INT8_MAX_ROWS] - small).abs().max().item() <= scale * (1 / 127 + 1 / 254)
 
 
 def test_disabled_by_the_environment(monkeypatch, fresh_load):
@@ -189,13 +190,14 @@ def test_a_decode_step_over_the_cached_pages_equals_the_full_forward(small_batch
     assert (logits - expected).abs().max().item() <= bound
 
 
-def test_paged_decode_attention_equals_sdpa_over_the_gathered_keys(small_batch):
-    torch.manual_seed(0)
+@pytest.mark.parametrize("rows", [1, 3, 9])  # a task per KV head, or (9 rows) per row
+def test_paged_decode_attention_equals_sdpa_over_the_gathered_keys(small_batch, rows):
+    torch.manual_seed(rows)
     page_size, hkv, rep, d = 4, 2, 3, 24  # D not a multiple of 8: the tails
     k_cache, v_cache = torch.randn(2, 30, page_size, hkv, d).unbind(0)
-    lengths = torch.tensor([17, 1, 9])
-    pages = torch.stack([torch.randperm(30)[:5] for _ in range(3)])
-    q = torch.randn(3, hkv * rep, d)
+    lengths = torch.tensor([17, 1, 9, 20, 3, 5, 8, 2, 11][:rows])
+    pages = torch.stack([torch.randperm(30)[:5] for _ in range(rows)])
+    q = torch.randn(rows, hkv * rep, d)
     got = small_batch.paged_decode_attention(q, k_cache, v_cache, pages, lengths, d**-0.5)
     for b, length in enumerate(lengths.tolist()):
         keys = k_cache[pages[b]].reshape(-1, hkv, d)[:length].transpose(0, 1).double()  # (Hkv, L, D)

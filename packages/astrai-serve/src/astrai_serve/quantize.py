@@ -52,7 +52,7 @@ def _swap(model: nn.Module, name: str, module: nn.Module) -> None:
 
 class PackedLinear(nn.Module):
     """A float linear layer whose weight lives in oneDNN's packed layout (CPU); fp32 products of
-    up to `kernels.MAX_ROWS` rows run `small_batch.c` on a plain copy, where it is faster."""
+    up to `kernels.F32_MAX_ROWS` rows run `small_batch.c` on a plain copy, where it is faster."""
 
     def __init__(self, linear: nn.Module) -> None:
         super().__init__()
@@ -75,7 +75,7 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        if self._kernels is not None and flat.shape[0] <= kernels.MAX_ROWS and flat.dtype == torch.float32:
+        if self._kernels is not None and flat.shape[0] <= kernels.F32_MAX_ROWS and flat.dtype == torch.float32:
             y = self._kernels.linear_f32(flat.contiguous(), self.weight, self.bias)
         else:
             y = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")
@@ -102,7 +102,7 @@ class Int8Linear(nn.Module):
             bias = None if linear.bias is None else linear.bias.detach().float()
             self.packed = torch.ops.quantized.linear_prepack(qweight, bias)
         self.bias = bias
-        # Up to kernels.MAX_ROWS rows: small_batch.c's int8 x int8 dot on a plain copy (the
+        # Up to kernels.INT8_MAX_ROWS rows: small_batch.c's int8 x int8 dot on a plain copy (the
         # int8 weights again, a quarter of the fp32 bytes), activations 8-bit per row.
         self._kernels = kernels.load()
         if self._kernels is not None:
@@ -127,7 +127,7 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features).float()
         n = flat.shape[0]
-        if self._kernels is not None and n <= kernels.MAX_ROWS:
+        if self._kernels is not None and n <= kernels.INT8_MAX_ROWS:
             y = self._kernels.linear_q8(flat.contiguous(), self.qweight, self.scales, self.bias)
             return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
         peak = torch.linalg.vector_norm(flat, ord=float("inf"), dim=1, keepdim=True)

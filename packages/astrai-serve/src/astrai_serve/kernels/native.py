@@ -1,10 +1,11 @@
 """Builds `small_batch.c` once with the system C compiler and loads it (ctypes).
 
-Why our own kernels: at 1-8 rows a linear layer is a read of its weights, and neither of torch's
-CPU paths reads at the memory's speed there. On a 2-core AMD EPYC (AVX2) a decode step's 49
-fp32 products read 24 GB/s through `small_batch.c` against 18 through oneDNN's packed GEMM and
-16 through MKL, and the int8 dot (int8 weights and activations) runs 2.6x fbgemm's at one row
-(docs/benchmarks.md). From 16 rows on oneDNN and fbgemm are faster, and stay in use there.
+Why our own kernels: at a few rows a linear layer is a read of its weights, and neither of
+torch's CPU paths reads at the memory's speed there. On a 2-core AMD EPYC (AVX2) a decode step's
+49 fp32 products read 24 GB/s through `small_batch.c` against 18 through oneDNN's packed GEMM
+and 16 through MKL; up to 16 rows its register-tiled product is still faster than oneDNN's. The
+int8 dot (int8 weights and activations) runs 2.6x fbgemm's at one row. Beyond `F32_MAX_ROWS` /
+`INT8_MAX_ROWS` oneDNN and fbgemm are faster, and stay in use there (docs/benchmarks.md).
 
 Loading is best effort: without an x86-64 CPU with AVX2 and FMA, a C compiler (`$CC`, else
 `cc`), or with `ASTRAI_NATIVE_KERNELS=0`, `load()` returns None and serving keeps torch's
@@ -39,7 +40,9 @@ SOURCE = Path(__file__).with_name("small_batch.c")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared")
 REQUIRED_CPU_FLAGS = ("avx2", "fma")
 DISABLE_ENV = "ASTRAI_NATIVE_KERNELS"
-MAX_ROWS = 8  # up to here the kernels beat oneDNN/fbgemm (measured); beyond, torch's run
+# Up to here the kernels beat torch's (measured, docs/benchmarks.md); beyond, torch's run.
+F32_MAX_ROWS = 16  # fp32 against oneDNN: 1.3x at 1 row, 1.12x at 16, even at 32, 0.93x at 64
+INT8_MAX_ROWS = 8  # int8 against fbgemm: 2.6x at 1 row, even at 8, 0.8x at 16
 BUILD_TIMEOUT_S = 120
 
 _c_ptr, _c_i64, _c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
@@ -102,7 +105,7 @@ class SmallBatchKernels:
         (b, h, d), (_, page_size, hkv, dv) = q.shape, v_cache.shape
         max_pages = pages.shape[1]
         out = torch.empty(b, h, dv, dtype=torch.float32)
-        scratch = torch.empty(b * h * max_pages * page_size, dtype=torch.float32)
+        scratch = torch.empty(b * h * max_pages * page_size, dtype=torch.float32)  # the scores
         self.lib.astrai_paged_decode_attention(
             _ptr(q), _ptr(k_cache), _ptr(v_cache), _ptr(pages), _ptr(lengths), _ptr(out), _ptr(scratch),
             b, h, hkv, d, dv, page_size, max_pages, scale, torch.get_num_threads())
