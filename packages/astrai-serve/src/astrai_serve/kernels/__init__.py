@@ -1,5 +1,12 @@
 """Native CPU kernels for serving: small-batch linear layers (`small_batch.c`), built on first use."""
 
-from astrai_serve.kernels.native import F32_MAX_ROWS, INT8_MAX_ROWS, SmallBatchKernels, disabled, load, status
+from astrai_serve.kernels.native import (
+    F32_MAX_ROWS,
+    INT8_MAX_ROWS,
+    SmallBatchKernels,
+    disabled,
+    load,
+    status,
+)
 
 __all__ = ["F32_MAX_ROWS", "INT8_MAX_ROWS", "SmallBatchKernels", "disabled", "load", "status"]
