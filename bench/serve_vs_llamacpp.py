@@ -260,7 +260,7 @@ def int8_kernels(threads: int, quick: bool) -> list[str]:
         small = kernels.load()
         if small is not None:
             candidates |= {
-                "fp32 small-batch kernel (ours; served up to 8 rows)": lambda x, w=w, k=small: k.linear_f32(x, w, None),
+                "fp32 small-batch kernel (ours; served up to 16 rows)": lambda x, w=w, k=small: k.linear_f32(x, w, None),
                 "int8 x int8 small-batch kernel (ours; served up to 8 rows)":
                     lambda x, q=q, s=scales, k=small: k.linear_q8(x, q, s, None)}
         if torchao is not None:

@@ -62,7 +62,7 @@ class SmallBatchKernels:
         self.lib.astrai_quantize_rows.argtypes = [_c_ptr] * 3 + [_c_i64] * 2
         self.lib.astrai_linear_q8.argtypes = [_c_ptr] * 6 + [_c_i64] * 3 + [_c_int]
         self.lib.astrai_rms_norm.argtypes = [_c_ptr, _c_ptr, ctypes.c_float, _c_ptr, _c_i64, _c_i64, _c_int]
-        self.lib.astrai_paged_decode_attention.argtypes = [_c_ptr] * 7 + [_c_i64] * 7 + [ctypes.c_float, _c_int]
+        self.lib.astrai_paged_decode_attention.argtypes = [_c_ptr] * 7 + [_c_i64] * 8 + [ctypes.c_float, _c_int]
         for fn in (self.lib.astrai_linear_f32, self.lib.astrai_quantize_rows, self.lib.astrai_linear_q8,
                    self.lib.astrai_rms_norm, self.lib.astrai_paged_decode_attention):
             fn.restype = None
@@ -103,13 +103,16 @@ class SmallBatchKernels:
         and v_cache (n_pages, page_size, Hkv, Dv), one layer; pages (B, max_pages) and
         lengths (B,) int64 -> (B, H, Dv)."""
         (b, h, d), (_, page_size, hkv, dv) = q.shape, v_cache.shape
-        max_pages = pages.shape[1]
+        max_pages, threads = pages.shape[1], torch.get_num_threads()
+        # Split each row's keys so every thread gets two tasks, but no share under a page.
+        splits = 1 if b >= 2 * threads else max(1, min(-(-2 * threads // b), max_pages))
         out = torch.empty(b, h, dv, dtype=torch.float32)
-        scratch = torch.empty(b * h * max_pages * page_size, dtype=torch.float32)  # the scores
+        scratch = torch.empty(b * h * (max_pages * page_size + splits * (dv + 2)), dtype=torch.float32)
         self.lib.astrai_paged_decode_attention(
             _ptr(q), _ptr(k_cache), _ptr(v_cache), _ptr(pages), _ptr(lengths), _ptr(out), _ptr(scratch),
-            b, h, hkv, d, dv, page_size, max_pages, scale, torch.get_num_threads())
+            b, h, hkv, d, dv, page_size, max_pages, splits, scale, threads)
         return out
+
 
 class _Unavailable(Exception):
     """Why the kernels are not in use: one line for `status()`."""

@@ -222,52 +222,71 @@ static inline float dot_f32(const float *a, const float *b, int64_t n) {
  * a contiguous buffer (the copy cost more than the attention at decode).
  *
  * q (B, H, D); k_cache (n_pages, page_size, Hkv, D) and v_cache (n_pages, page_size, Hkv, Dv),
- * one layer's storage; pages (B, max_pages); out (B, H, Dv); scratch (B, H, max_pages *
- * page_size) for the scores. Softmax in fp32 with the max subtracted, as SDPA does.
+ * one layer's storage; pages (B, max_pages); out (B, H, Dv). scratch holds the scores
+ * (B, H, max_pages * page_size) and each split's partial result (B, splits, H, Dv + 2).
  *
- * A task is one row and `group` of its KV heads: with many rows a task takes all heads, so it
- * reads each cached token's K (and V) as one contiguous run; with fewer rows than 2 per thread
- * it takes one head, so the threads still split the work. Each KV head's keys are read once
- * for its H / Hkv query heads. */
+ * A task is one row's keys, or with fewer rows than 2 per thread a contiguous share of them
+ * (split-K, as flash-decoding does), always for all heads: each cached token's K and V are
+ * read as one contiguous run of Hkv x D values, and each KV head once for its H / Hkv query
+ * heads. A split keeps its max m, sum l = sum e^(s - m) and o = sum e^(s - m) v; the splits
+ * then merge exactly (rescaled by e^(m - max m)). Softmax in fp32 with the max subtracted. */
 void astrai_paged_decode_attention(const float *q, const float *k_cache, const float *v_cache,
                                    const int64_t *pages, const int64_t *lengths, float *out,
                                    float *scratch, int64_t B, int64_t H, int64_t Hkv, int64_t D,
-                                   int64_t Dv, int64_t page_size, int64_t max_pages, float scale,
-                                   int threads) {
-    const int64_t rep = H / Hkv, group = B >= 2 * threads ? Hkv : 1, per_row = Hkv / group;
+                                   int64_t Dv, int64_t page_size, int64_t max_pages, int64_t splits,
+                                   float scale, int threads) {
+    const int64_t rep = H / Hkv, stride = max_pages * page_size, part = Dv + 2;
+    float *partial = scratch + B * H * stride;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-    for (int64_t task = 0; task < B * per_row; task++) {
-        const int64_t b = task / per_row, g0 = (task % per_row) * group, L = lengths[b];
-        const int64_t heads = group * rep, h0 = g0 * rep, stride = max_pages * page_size;
+    for (int64_t task = 0; task < B * splits; task++) {
+        const int64_t b = task / splits, sp = task % splits, L = lengths[b];
+        const int64_t j0 = L * sp / splits, j1 = L * (sp + 1) / splits;
         const int64_t *row_pages = pages + b * max_pages;
-        const float *qh = q + (b * H + h0) * D;
-        float *scores = scratch + (b * H + h0) * stride, *o = out + (b * H + h0) * Dv;
-        for (int64_t j = 0; j < L; j++) {
+        const float *qb = q + b * H * D;
+        float *scores = scratch + b * H * stride, *res = partial + (b * splits + sp) * H * part;
+        for (int64_t j = j0; j < j1; j++) {
             const int64_t slot = row_pages[j / page_size] * page_size + j % page_size;
-            const float *kj = k_cache + (slot * Hkv + g0) * D;
-            for (int64_t h = 0; h < heads; h++)
-                scores[h * stride + j] = scale * dot_f32(qh + h * D, kj + (h / rep) * D, D);
+            const float *kj = k_cache + slot * Hkv * D;
+            for (int64_t h = 0; h < H; h++)
+                scores[h * stride + j] = scale * dot_f32(qb + h * D, kj + (h / rep) * D, D);
         }
-        for (int64_t h = 0; h < heads; h++) {
-            float *sc = scores + h * stride, peak = -INFINITY;
-            for (int64_t j = 0; j < L; j++) peak = fmaxf(peak, sc[j]);
-            const float inv = 1.0f / exp_shifted_sum(sc, L, peak);
-            for (int64_t j = 0; j < L; j++) sc[j] *= inv;
+        for (int64_t h = 0; h < H; h++) {
+            float *sc = scores + h * stride + j0, peak = -INFINITY, *o = res + h * part;
+            for (int64_t j = 0; j < j1 - j0; j++) peak = fmaxf(peak, sc[j]);
+            o[Dv] = peak;
+            o[Dv + 1] = j1 > j0 ? exp_shifted_sum(sc, j1 - j0, peak) : 0.0f;
+            for (int64_t d = 0; d < Dv; d++) o[d] = 0.0f;
         }
-        for (int64_t i = 0; i < heads * Dv; i++) o[i] = 0.0f;
-        for (int64_t j = 0; j < L; j++) {
+        for (int64_t j = j0; j < j1; j++) {
             const int64_t slot = row_pages[j / page_size] * page_size + j % page_size;
-            const float *vj = v_cache + (slot * Hkv + g0) * Dv;
-            for (int64_t h = 0; h < heads; h++) {
+            const float *vj = v_cache + slot * Hkv * Dv;
+            for (int64_t h = 0; h < H; h++) {
                 const float pj = scores[h * stride + j];
                 const __m256 p = _mm256_set1_ps(pj);
                 const float *v = vj + (h / rep) * Dv;
-                float *oh = o + h * Dv;
+                float *o = res + h * part;
                 int64_t d = 0;
                 for (; d + 8 <= Dv; d += 8)
-                    _mm256_storeu_ps(oh + d, _mm256_fmadd_ps(p, _mm256_loadu_ps(v + d), _mm256_loadu_ps(oh + d)));
-                for (; d < Dv; d++) oh[d] += pj * v[d];
+                    _mm256_storeu_ps(o + d, _mm256_fmadd_ps(p, _mm256_loadu_ps(v + d), _mm256_loadu_ps(o + d)));
+                for (; d < Dv; d++) o[d] += pj * v[d];
             }
         }
+    }
+    for (int64_t bh = 0; bh < B * H; bh++) { /* merge the splits */
+        const int64_t b = bh / H, h = bh % H;
+        const float *res = partial + b * splits * H * part + h * part;
+        float peak = -INFINITY, total = 0.0f, *o = out + bh * Dv;
+        for (int64_t sp = 0; sp < splits; sp++)
+            if (res[sp * H * part + Dv + 1] > 0.0f) peak = fmaxf(peak, res[sp * H * part + Dv]);
+        for (int64_t d = 0; d < Dv; d++) o[d] = 0.0f;
+        for (int64_t sp = 0; sp < splits; sp++) {
+            const float *r = res + sp * H * part;
+            if (r[Dv + 1] == 0.0f) continue; /* an empty share of the keys */
+            const float w = expf(r[Dv] - peak);
+            total += w * r[Dv + 1];
+            for (int64_t d = 0; d < Dv; d++) o[d] += w * r[d];
+        }
+        const float inv = 1.0f / total;
+        for (int64_t d = 0; d < Dv; d++) o[d] *= inv;
     }
 }
