@@ -209,3 +209,14 @@ def test_paged_decode_attention_equals_sdpa_over_the_gathered_keys(small_batch, 
         bound = (2 * d * (q.abs().max() * k_cache.abs().max()).item() * d**-0.5 + length + 8) \
             * torch.finfo(torch.float32).eps * v_cache.abs().max().item()
         assert (got[b].double() - expected).abs().max().item() <= bound
+
+
+def test_a_damaged_cached_library_falls_back_and_names_the_file(monkeypatch, fresh_load):
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler")
+    fresh_load.mkdir(parents=True)
+    damaged = fresh_load / "small_batch-damaged.so"  # a new path: dlopen has not seen it
+    damaged.write_bytes(b"not a shared library")
+    monkeypatch.setattr(native, "_cached_build", lambda compiler: damaged)
+    assert kernels.load() is None
+    assert f"could not load {damaged}" in kernels.status() and "delete it to rebuild" in kernels.status()

@@ -59,11 +59,10 @@ class SmallBatchKernels:
 
     def __post_init__(self) -> None:
         self.lib.astrai_linear_f32.argtypes = [_c_ptr] * 4 + [_c_i64] * 3 + [_c_int]
-        self.lib.astrai_quantize_rows.argtypes = [_c_ptr] * 3 + [_c_i64] * 2
-        self.lib.astrai_linear_q8.argtypes = [_c_ptr] * 6 + [_c_i64] * 3 + [_c_int]
+        self.lib.astrai_linear_q8.argtypes = [_c_ptr] * 7 + [_c_i64] * 3 + [_c_int]
         self.lib.astrai_rms_norm.argtypes = [_c_ptr, _c_ptr, ctypes.c_float, _c_ptr, _c_i64, _c_i64, _c_int]
         self.lib.astrai_paged_decode_attention.argtypes = [_c_ptr] * 7 + [_c_i64] * 8 + [ctypes.c_float, _c_int]
-        for fn in (self.lib.astrai_linear_f32, self.lib.astrai_quantize_rows, self.lib.astrai_linear_q8,
+        for fn in (self.lib.astrai_linear_f32, self.lib.astrai_linear_q8,
                    self.lib.astrai_rms_norm, self.lib.astrai_paged_decode_attention):
             fn.restype = None
 
@@ -81,9 +80,8 @@ class SmallBatchKernels:
         `scales` (N,) -> (M, N) fp32."""
         (m, k), n = x.shape, qweight.shape[0]
         qx, sx = torch.empty(m, k, dtype=torch.int8), torch.empty(m, dtype=torch.float32)
-        self.lib.astrai_quantize_rows(_ptr(x), _ptr(qx), _ptr(sx), m, k)
         y = torch.empty(m, n, dtype=torch.float32)
-        self.lib.astrai_linear_q8(_ptr(qx), _ptr(sx), _ptr(qweight), _ptr(scales), _ptr(bias),
+        self.lib.astrai_linear_q8(_ptr(x), _ptr(qx), _ptr(sx), _ptr(qweight), _ptr(scales), _ptr(bias),
                                   _ptr(y), m, n, k, torch.get_num_threads())
         return y
 
@@ -171,7 +169,10 @@ def _build_and_load() -> SmallBatchKernels:
     if not compiler or not shutil.which(compiler):
         raise _Unavailable(f"no C compiler found (set CC, or install gcc: {compiler or 'cc'} is missing)")
     path = _cached_build(compiler)
-    lib = ctypes.CDLL(str(path))
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as err:  # e.g. a file damaged after it was cached
+        raise _Unavailable(f"could not load {path} ({err}); delete it to rebuild") from None
     if len(_openmp_runtimes()) > 1:  # two thread pools would fight over the cores
         raise _Unavailable(f"the library loaded a second OpenMP runtime: {sorted(_openmp_runtimes())}")
     return SmallBatchKernels(lib, path)

@@ -94,7 +94,7 @@ void astrai_linear_f32(const float *x, const float *W, const float *bias, float 
 
 /* Each x row as int8 with one scale, s = max|x| / 127: |q| <= 127, so the u8 x s8 products
  * below sum in pairs to at most 2 * 127 * 127 < 2^15 and never saturate. */
-void astrai_quantize_rows(const float *x, int8_t *qx, float *sx, int64_t M, int64_t K) {
+static void quantize_rows(const float *x, int8_t *qx, float *sx, int64_t M, int64_t K) {
     for (int64_t m = 0; m < M; m++) {
         const float *row = x + m * K;
         float peak = 0.0f;
@@ -127,8 +127,10 @@ static void q8_row(const int8_t *qx, int M, const int8_t *w, int64_t K, int32_t 
     }
 }
 
-void astrai_linear_q8(const int8_t *qx, const float *sx, const int8_t *W, const float *sw,
+/* x (M, K) fp32 is quantized into qx (M, K) and sx (M) first (the caller's scratch). */
+void astrai_linear_q8(const float *x, int8_t *qx, float *sx, const int8_t *W, const float *sw,
                       const float *bias, float *y, int64_t M, int64_t N, int64_t K, int threads) {
+    quantize_rows(x, qx, sx, M, K);
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t n = 0; n < N; n++) {
         int32_t dot[4];
