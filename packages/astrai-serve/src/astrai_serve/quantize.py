@@ -10,11 +10,15 @@ layers (lm_head included); the model code never knows (ARCHITECTURE.md).
   torch.compile's CPU freezing uses). Same values, same dtype; the product splits over every
   thread even for one row, where torch's default `F.linear` (MKL) runs a one-row product on one
   core whatever the thread count, and oneDNN is faster for 16-64 rows too (docs/benchmarks.md).
+  Where `astrai_serve.kernels` loaded, fp32 products of up to 16 rows (decode steps) run our
+  own kernel instead, on a plain copy of the weight (so F32 layers hold their weights twice).
 - "int8": weights as int8 with one scale per output row (symmetric, s = max|row| / 127), run by
   fbgemm through torch's dynamic quantized linear: the activations are quantized to 8 bits on
-  the fly, as llama.cpp's Q8_0 does per block of 32. Two measured alternatives were slower than
-  fp32 on an AVX2 CPU, so they are not used: torch's weight-only `_weight_int8pack_mm` and
-  torchao's `Int8WeightOnlyConfig` (docs/benchmarks.md).
+  the fly, as llama.cpp's Q8_0 does per block of 32; up to 8 rows by our int8 x int8 kernel
+  (8-bit activations per row). Two measured alternatives were slower than fp32 on an AVX2 CPU,
+  so they are not used: torch's weight-only `_weight_int8pack_mm` and torchao's
+  `Int8WeightOnlyConfig` (docs/benchmarks.md).
+- fp32 RMSNorm layers run the kernels' one-pass RMSNorm (`KernelRMSNorm`).
 
 int8 activation scales are per row, never per batch: fbgemm picks one range per call from the
 input's min and max, which would make a row's result depend on what else shares the batch (a
@@ -58,10 +62,12 @@ class PackedLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         with torch.no_grad():
-            weight = linear.weight.detach().clone()  # off any file mapping: anonymous (huge) pages stream faster
+            # A copy in anonymous memory: read through a checkpoint's file mapping the kernel
+            # streamed 18 instead of 23 GB/s (docs/benchmarks.md).
+            weight = linear.weight.detach().clone()
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight)
         self.bias = None if linear.bias is None else linear.bias.detach().clone()
-        # The plain copy doubles the layer's memory; it buys a third of the batch-1 decode time.
+        # The plain copy doubles the layer's memory; the kernels make F32 decoding 1.3-1.5x faster.
         self._kernels = kernels.load() if weight.dtype == torch.float32 else None
         self.weight = weight if self._kernels is not None else None
 
@@ -142,7 +148,8 @@ class Int8Linear(nn.Module):
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, int8 (fbgemm), bias={self.bias is not None}"
+        small = ", small-batch kernel" if self._kernels is not None else ""
+        return f"in={self.in_features}, out={self.out_features}, int8 (fbgemm){small}, bias={self.bias is not None}"
 
 
 class KernelRMSNorm(nn.Module):
