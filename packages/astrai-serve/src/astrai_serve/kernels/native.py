@@ -40,7 +40,8 @@ SOURCE = Path(__file__).with_name("small_batch.c")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared")
 REQUIRED_CPU_FLAGS = ("avx2", "fma")
 DISABLE_ENV = "ASTRAI_NATIVE_KERNELS"
-# Up to here the kernels beat torch's (measured, docs/benchmarks.md); beyond, torch's run.
+# Up to here the kernels beat torch's (measured on a 2-core AMD EPYC Milan without native bf16,
+# docs/benchmarks.md; other CPUs may want other limits); beyond, torch's run.
 F32_MAX_ROWS = 16  # fp32 against oneDNN: 1.3x at 1 row, 1.12x at 16, even at 32, 0.93x at 64
 INT8_MAX_ROWS = 8  # int8 against fbgemm: 2.6x at 1 row, even at 8, 0.8x at 16
 BUILD_TIMEOUT_S = 120
@@ -85,7 +86,6 @@ class SmallBatchKernels:
                                   _ptr(y), m, n, k, torch.get_num_threads())
         return y
 
-
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """x (..., K) fp32 contiguous, weight (K,) fp32 -> the same shape."""
         k = x.shape[-1]
@@ -94,7 +94,6 @@ class SmallBatchKernels:
                                  torch.get_num_threads())
         return y
 
-
     def paged_decode_attention(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                pages: torch.Tensor, lengths: torch.Tensor, scale: float) -> torch.Tensor:
         """q (B, H, D) fp32 contiguous, one query per row; k_cache (n_pages, page_size, Hkv, D)
@@ -102,7 +101,7 @@ class SmallBatchKernels:
         lengths (B,) int64 -> (B, H, Dv)."""
         (b, h, d), (_, page_size, hkv, dv) = q.shape, v_cache.shape
         max_pages, threads = pages.shape[1], torch.get_num_threads()
-        # Split each row's keys so every thread gets two tasks, but no share under a page.
+        # Split each row's keys so every thread gets two tasks, into at most one share a page.
         splits = 1 if b >= 2 * threads else max(1, min(-(-2 * threads // b), max_pages))
         out = torch.empty(b, h, dv, dtype=torch.float32)
         scratch = torch.empty(b * h * (max_pages * page_size + splits * (dv + 2)), dtype=torch.float32)
@@ -173,8 +172,9 @@ def _build_and_load() -> SmallBatchKernels:
         lib = ctypes.CDLL(str(path))
     except OSError as err:  # e.g. a file damaged after it was cached
         raise _Unavailable(f"could not load {path} ({err}); delete it to rebuild") from None
-    if len(_openmp_runtimes()) > 1:  # two thread pools would fight over the cores
-        raise _Unavailable(f"the library loaded a second OpenMP runtime: {sorted(_openmp_runtimes())}")
+    runtimes = _openmp_runtimes()
+    if len(runtimes) > 1:  # two thread pools would fight over the cores
+        raise _Unavailable(f"the library loaded a second OpenMP runtime: {sorted(runtimes)}")
     return SmallBatchKernels(lib, path)
 
 
