@@ -10,6 +10,8 @@ around 1e-12, far below any real defect and far above any CPU's reordering noise
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -35,3 +37,19 @@ def forward_bound(n_layers: int, width: int, scale: float, dtype: torch.dtype = 
     2 * n_layers + 1 matmul stages sums at most `width` products, so to first order the relative
     error grows by width * eps per stage; `scale` is the largest |output|."""
     return reorder_bound((2 * n_layers + 1) * width, scale=scale, dtype=dtype)
+
+
+def reduced_precision_bound(n_layers: int, width: int, scale: float, stage_error: float) -> float:
+    """How far a decoder's logits can move when each of its 2L+1 matmul stages rounds every
+    product |x_k w_k| by at most `stage_error`: a stage's error is at most stage_error times
+    sum_k |x_k w_k|, which for independent signs is about sqrt(width) times the output's own
+    size, and to first order the stages add up (the fp64 analogue is `forward_bound`,
+    which takes the worst case, width instead of sqrt(width), as reorderings are not random)."""
+    return (2 * n_layers + 1) * stage_error * math.sqrt(width) * scale
+
+
+# Largest relative error one int8 matmul stage adds, per product |x_k w_nk|: the weight's
+# rounding (half a step of max|row| / 127) plus the activation's (7-bit: a step of
+# 2 max|x| / 127, so at most max|x| / 127 after rounding and clamping).
+INT8_STAGE = 1 / 254 + 1 / 127
+BF16_STAGE = 3 * 2.0**-8  # weight, activation and output each rounded to 8 mantissa bits

@@ -5,7 +5,6 @@ capability, never by assumption."""
 from __future__ import annotations
 
 import copy
-import math
 import shutil
 
 import pytest
@@ -17,14 +16,9 @@ from astrai_core.model import Linear
 from astrai_serve import InferenceEngine, SamplingParams
 from astrai_serve.api.loader import EngineOptions, load_engine, serving_dtype
 from astrai_serve.quantize import Int8Linear, PackedLinear, prepare_model, weight_bytes
-from tolerances import reorder_bound
+from tolerances import BF16_STAGE, INT8_STAGE, reduced_precision_bound, reorder_bound
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0, stop_token_ids=[EOS_ID])
-# Largest relative error one int8 matmul stage adds, per product |x_k w_nk|: the weight's
-# rounding (half a step of max|row| / 127) plus the activation's (7-bit: a step of
-# 2 max|x| / 127, so at most max|x| / 127 after rounding and clamping).
-INT8_STAGE = 1 / 254 + 1 / 127
-BF16_STAGE = 3 * 2.0**-8  # weight, activation and output each rounded to 8 mantissa bits
 
 
 def _linear(n_out: int, n_in: int, bias: bool, seed: int) -> Linear:
@@ -104,15 +98,6 @@ def test_prepare_swaps_every_linear_layer_and_keeps_the_original_model_code(mode
 def _teacher_forced_logits(model, ids: list[int]) -> torch.Tensor:
     with torch.no_grad():
         return model(torch.tensor([ids]))[0].double()  # (T, vocab)
-
-
-def reduced_precision_bound(n_layers: int, width: int, scale: float, stage_error: float) -> float:
-    """How far a decoder's logits can move when each of its 2L+1 matmul stages rounds every
-    product |x_k w_k| by at most `stage_error`: a stage's error is at most stage_error times
-    sum_k |x_k w_k|, which for independent signs is about sqrt(width) times the output's own
-    size, and to first order the stages add up (the fp64 analogue is tolerances.forward_bound,
-    which takes the worst case, width instead of sqrt(width), as reorderings are not random)."""
-    return (2 * n_layers + 1) * stage_error * math.sqrt(width) * scale
 
 
 def _check_against_float(model, reduced, stage_error: float) -> float:

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from astrai_core.model import ModelConfig, RMSNorm, Transformer
+from astrai_core.model.cache import KVSpec
 from astrai_serve import KVCache, kernels
 from astrai_serve.kernels import native
 from astrai_serve.quantize import Int8Linear, KernelRMSNorm, PackedLinear, prepare_model
@@ -190,25 +191,99 @@ def test_a_decode_step_over_the_cached_pages_equals_the_full_forward(small_batch
     assert (logits - expected).abs().max().item() <= bound
 
 
-@pytest.mark.parametrize("rows", [1, 3, 9])  # a task per KV head, or (9 rows) per row
-def test_paged_decode_attention_equals_sdpa_over_the_gathered_keys(small_batch, rows):
-    torch.manual_seed(rows)
-    page_size, hkv, rep, d = 4, 2, 3, 24  # D not a multiple of 8: the tails
-    k_cache, v_cache = torch.randn(2, 30, page_size, hkv, d).unbind(0)
-    lengths = torch.tensor([17, 1, 9, 20, 3, 5, 8, 2, 11][:rows])
-    pages = torch.stack([torch.randperm(30)[:5] for _ in range(rows)])
-    q = torch.randn(rows, hkv * rep, d)
-    got = small_batch.paged_decode_attention(q, k_cache, v_cache, pages, lengths, d**-0.5)
+# (page_size, kv heads, query heads per kv head, head dim): 8-key score blocks and 32-lane value
+# blocks with their tails (a page under 8 keys, dims not multiples of 8 or 32, 4 heads a group
+# in passes of 3 + 1, one head a group).
+LAYOUTS = [(4, 2, 3, 24), (16, 4, 3, 64), (8, 1, 4, 40), (16, 2, 1, 36)]
+
+
+def _attention_reference(q, k_cache, v_cache, pages, lengths, scale):
+    """fp64 SDPA of each row over its gathered pages -> (B, H, Dv)."""
+    hkv, d = k_cache.shape[2:]
+    out = []
     for b, length in enumerate(lengths.tolist()):
         keys = k_cache[pages[b]].reshape(-1, hkv, d)[:length].transpose(0, 1).double()  # (Hkv, L, D)
-        vals = v_cache[pages[b]].reshape(-1, hkv, d)[:length].transpose(0, 1).double()
-        qb = q[b].view(hkv, rep, d).double()
-        expected = F.scaled_dot_product_attention(qb, keys, vals, scale=d**-0.5).reshape(hkv * rep, d)
-        # Softmax weights sum to 1, so the output's error is that of the scores (a d-term dot,
-        # exp's few ulp) times max |v|, plus the L-term weighted sum.
-        bound = (2 * d * (q.abs().max() * k_cache.abs().max()).item() * d**-0.5 + length + 8) \
-            * torch.finfo(torch.float32).eps * v_cache.abs().max().item()
-        assert (got[b].double() - expected).abs().max().item() <= bound
+        vals = v_cache[pages[b]].reshape(-1, hkv, v_cache.shape[-1])[:length].transpose(0, 1).double()
+        qb = q[b].reshape(hkv, -1, d).double()
+        out.append(F.scaled_dot_product_attention(qb, keys, vals, scale=scale).reshape(q.shape[1], -1))
+    return torch.stack(out)
+
+
+def _attention_bound(q, k_cache, v_cache, length, scale):
+    # Softmax weights sum to 1, so the output's error is that of the scores (a d-term dot,
+    # exp's few ulp) times max |v|, plus the L-term weighted sum.
+    d = q.shape[-1]
+    return (2 * d * (q.abs().max() * k_cache.abs().max()).item() * scale + length + 8) \
+        * torch.finfo(torch.float32).eps * v_cache.abs().max().item()
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=[f"page{p}-kv{h}x{r}-d{d}" for p, h, r, d in LAYOUTS])
+@pytest.mark.parametrize("rows", [1, 3, 9])  # split-K tasks, or (9 rows) a task per row
+def test_paged_decode_attention_equals_sdpa_over_the_gathered_keys(small_batch, rows, layout):
+    page_size, hkv, rep, d = layout
+    torch.manual_seed(rows)
+    k_cache, v_cache = torch.randn(2, 30, page_size, hkv, d).unbind(0)
+    n_pages = -(-45 // page_size)
+    lengths = torch.tensor([45, 1, 9, 20, 3, 5, 8, 2, 33][:rows]).clamp(max=n_pages * page_size)
+    pages = torch.stack([torch.randperm(30)[:n_pages] for _ in range(rows)])
+    q = torch.randn(rows, hkv * rep, d)
+    got = small_batch.paged_decode_attention(q, k_cache, v_cache, pages, lengths, d**-0.5)
+    expected = _attention_reference(q, k_cache, v_cache, pages, lengths, d**-0.5)
+    for b, length in enumerate(lengths.tolist()):
+        assert (got[b].double() - expected[b]).abs().max().item() <= _attention_bound(q, k_cache, v_cache, length, d**-0.5)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS[:2], ids=["page4-d24", "page16-d64"])
+def test_rope_decode_attention_rotates_writes_then_attends(small_batch, layout):
+    """The fused call equals RoPE (the model's `apply_rotary`), the cache write, then the paged
+    attention; q/k/v are column slices of one fused projection, as in a decode step."""
+    from astrai_core.model.rope import RotaryEmbedding, apply_rotary
+
+    page_size, hkv, rep, d = layout
+    torch.manual_seed(0)
+    rows, h, layers = 3, hkv * rep, 2
+    k_cache, v_cache = torch.randn(2, layers, 30, page_size, hkv, d).unbind(0)
+    lengths = torch.tensor([21, 1, 9])
+    pages = torch.stack([torch.randperm(30)[: -(-21 // page_size)] for _ in range(rows)])
+    positions = lengths - 1
+    slots = torch.stack([pages[b, p // page_size] * page_size + p % page_size for b, p in enumerate(positions.tolist())])
+    qkv = torch.randn(1, rows, (h + 2 * hkv) * d)
+    q, k, v = (t.view(1, rows, -1, d) for t in qkv.split([h * d, hkv * d, hkv * d], dim=-1))
+    cos, sin = RotaryEmbedding(d, 64)(qkv, positions[None])
+    expected_k, expected_v = k_cache[1].clone(), v_cache[1].clone()
+    q_rot = apply_rotary(q.transpose(1, 2), cos, sin).transpose(1, 2)[0]
+    k_rot = apply_rotary(k.transpose(1, 2), cos, sin).transpose(1, 2)[0]
+    expected_k.view(-1, hkv, d)[slots], expected_v.view(-1, hkv, d)[slots] = k_rot, v[0]
+    splits, scratch = small_batch.attention_scratch(rows, h, d, d, page_size, pages.shape[1])
+    untouched = k_cache[0].clone()
+    got = small_batch.rope_decode_attention(1, q, k, v, cos, sin, k_cache, v_cache, slots, pages, lengths,
+                                            d**-0.5, splits, scratch)
+    eps = torch.finfo(torch.float32).eps
+    assert torch.equal(k_cache[0], untouched)  # only the given layer
+    assert torch.equal(v_cache[1], expected_v)
+    assert (k_cache[1] - expected_k).abs().max().item() <= 4 * eps * k.abs().max().item()  # x cos +- y sin
+    expected = _attention_reference(q_rot, expected_k, expected_v, pages, lengths, d**-0.5)
+    for b, length in enumerate(lengths.tolist()):
+        bound = _attention_bound(q_rot, expected_k, expected_v, length, d**-0.5) \
+            + 4 * eps * q.abs().max().item() * d * d**-0.5 * expected_v.abs().max().item()  # rotated q's rounding
+        assert (got[b].double() - expected[b]).abs().max().item() <= bound
+
+
+@torch.inference_mode()
+def test_rope_write_attend_declines_a_layout_it_cannot_run_and_writes_nothing(small_batch):
+    """The view answers None, so GQA runs RoPE, the write and the attention itself."""
+    cache = KVCache(KVSpec(2, 8, 2, 8), 1, page_size=4, max_tokens=64)
+    cache.task_alloc(0, list(range(6)))
+    cache.task_extend(0, 6)
+    view = cache.bind_packed([(0, 5)], [])
+    before = cache.storage.k_cache.clone()
+    q, k, v = torch.randn(1, 1, 4, 8), torch.randn(1, 1, 2, 8), torch.randn(1, 1, 2, 8)
+    cos, sin = torch.ones(1, 1, 8), torch.zeros(1, 1, 8)
+    strided = torch.randn(1, 1, 8, 4).transpose(2, 3)  # heads not one contiguous run
+    assert view.rope_write_attend(0, strided, k, v, cos, sin, None) is None
+    assert view.rope_write_attend(0, q, k, v, torch.ones(1, 1, 6), torch.zeros(1, 1, 6), None) is None  # rope dim
+    assert torch.equal(cache.storage.k_cache, before)
+    assert view.rope_write_attend(0, q, k, v, cos, sin, None).shape == (1, 1, 4, 8)
 
 
 def test_a_damaged_cached_library_falls_back_and_names_the_file(monkeypatch, fresh_load):

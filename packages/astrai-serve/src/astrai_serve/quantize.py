@@ -19,6 +19,8 @@ layers (lm_head included); the model code never knows (ARCHITECTURE.md).
   so they are not used: torch's weight-only `_weight_int8pack_mm` and torchao's
   `Int8WeightOnlyConfig` (docs/benchmarks.md).
 - fp32 RMSNorm layers run the kernels' one-pass RMSNorm (`KernelRMSNorm`).
+- then every decoder block the kernels implement becomes a `KernelDecoderBlock`, whose decode
+  steps run as one kernel call (`astrai_serve.kernels.decode_block`).
 
 int8 activation scales are per row, never per batch: fbgemm picks one range per call from the
 input's min and max, which would make a row's result depend on what else shares the batch (a
@@ -40,6 +42,7 @@ from astrai_core.model.fusion import fuse_projections
 from astrai_core.model.linear import Linear
 from astrai_core.model.norm import RMSNorm
 from astrai_serve import kernels
+from astrai_serve.kernels.decode_block import fuse_decoder_blocks
 
 QUANTIZE_MODES = ("none", "int8")
 INT8_MAX = 127
@@ -197,6 +200,7 @@ def prepare_model(model: nn.Module, quantize: str = "none", fuse: bool = True) -
     if quantize == "int8":
         for name, module in _linear_modules(model):
             _swap(model, name, Int8Linear(module))
+        fuse_decoder_blocks(model)
         return model
     if not PackedLinear.supported(model) or torch.get_num_threads() < 2:
         return model  # on one thread MKL's own one-row product is as fast (measured)
@@ -206,6 +210,7 @@ def prepare_model(model: nn.Module, quantize: str = "none", fuse: bool = True) -
         except RuntimeError:  # e.g. oneDNN's bf16 packing needs AVX512 or AVX-NE-CONVERT
             return model  # only the first layer can fail: every layer has the same dtype
         _swap(model, name, packed)
+    fuse_decoder_blocks(model)
     return model
 
 

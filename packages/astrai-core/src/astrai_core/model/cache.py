@@ -57,6 +57,20 @@ class CachedAttention(Protocol):
         ...
 
 
+class RopeCachedAttention(Protocol):
+    """A `CachedAttention` that also runs RoPE and the cache write itself: all of a GQA layer's
+    attention after its projections in one call (serving's CPU decode kernel), instead of about
+    ten small tensor ops a layer."""
+
+    def rope_write_attend(self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          cos: torch.Tensor, sin: torch.Tensor, scale: float | None) -> torch.Tensor | None:
+        """q (B, T, heads, dim), k (B, T, kv_heads, dim), v (B, T, kv_heads, v_dim), before RoPE
+        (half-rotation layout, cos/sin (B, T, dim)) -> (B, T, heads, v_dim), this step's keys
+        and values written. None where the plan cannot (the caller then runs RoPE, `write`
+        and `attend_cached` itself), having written nothing."""
+        ...
+
+
 @runtime_checkable
 class PagedCache(Protocol):
     """Per-forward view of a KV cache for a batch of B rows with T new tokens each."""

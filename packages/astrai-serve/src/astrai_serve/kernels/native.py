@@ -53,6 +53,32 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+class LinearRef(ctypes.Structure):
+    """small_batch.c's `astrai_linear_ref`: one fp32 or int8 (with row scales) linear layer."""
+
+    _fields_ = [("weight", _c_ptr), ("scales", _c_ptr), ("bias", _c_ptr), ("n", _c_i64), ("k", _c_i64)]
+
+
+class DecodeLayer(ctypes.Structure):
+    """small_batch.c's `astrai_decode_layer`: the weights and shape of one decoder block. It
+    holds raw pointers: the tensors must outlive it (the block that owns them keeps both)."""
+
+    _fields_ = [("qkv", LinearRef), ("o", LinearRef), ("gate_up", LinearRef), ("down", LinearRef),
+                ("input_norm", _c_ptr), ("post_norm", _c_ptr), ("q_norm", _c_ptr), ("k_norm", _c_ptr),
+                ("norm_eps", ctypes.c_float), ("qk_norm_eps", ctypes.c_float), ("layer", _c_i64),
+                ("heads", _c_i64), ("kv_heads", _c_i64), ("head_dim", _c_i64), ("gated", _c_i64)]
+
+
+class DecodeStep(ctypes.Structure):
+    """small_batch.c's `astrai_decode_step`: what every layer of one decode step shares."""
+
+    _fields_ = [("cos", _c_ptr), ("sin", _c_ptr), ("k_cache", _c_ptr), ("v_cache", _c_ptr),
+                ("k_layer_stride", _c_i64), ("v_layer_stride", _c_i64), ("slots", _c_ptr),
+                ("pages", _c_ptr), ("lengths", _c_ptr), ("rows", _c_i64), ("page_size", _c_i64),
+                ("max_pages", _c_i64), ("splits", _c_i64), ("scale", ctypes.c_float), ("scratch", _c_ptr),
+                ("threads", _c_int)]
+
+
 @dataclass(frozen=True)
 class SmallBatchKernels:
     lib: ctypes.CDLL
@@ -63,8 +89,15 @@ class SmallBatchKernels:
         self.lib.astrai_linear_q8.argtypes = [_c_ptr] * 7 + [_c_i64] * 3 + [_c_int]
         self.lib.astrai_rms_norm.argtypes = [_c_ptr, _c_ptr, ctypes.c_float, _c_ptr, _c_i64, _c_i64, _c_int]
         self.lib.astrai_paged_decode_attention.argtypes = [_c_ptr] * 7 + [_c_i64] * 8 + [ctypes.c_float, _c_int]
-        for fn in (self.lib.astrai_linear_f32, self.lib.astrai_linear_q8,
-                   self.lib.astrai_rms_norm, self.lib.astrai_paged_decode_attention):
+        self.lib.astrai_rope_decode_attention.argtypes = (
+            [_c_ptr] * 3 + [_c_i64] * 3 + [_c_ptr] * 9 + [_c_i64] * 8 + [ctypes.c_float, _c_int])
+        self.lib.astrai_decode_layer_forward.argtypes = [
+            ctypes.POINTER(DecodeLayer), ctypes.POINTER(DecodeStep), _c_ptr, _c_ptr]
+        self.lib.astrai_decode_layer_scratch.argtypes = [ctypes.POINTER(DecodeLayer)] + [_c_i64] * 4
+        self.lib.astrai_decode_layer_scratch.restype = _c_i64
+        for fn in (self.lib.astrai_linear_f32, self.lib.astrai_linear_q8, self.lib.astrai_rms_norm,
+                   self.lib.astrai_paged_decode_attention, self.lib.astrai_rope_decode_attention,
+                   self.lib.astrai_decode_layer_forward):
             fn.restype = None
 
     def linear_f32(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -100,15 +133,57 @@ class SmallBatchKernels:
         and v_cache (n_pages, page_size, Hkv, Dv), one layer; pages (B, max_pages) and
         lengths (B,) int64 -> (B, H, Dv)."""
         (b, h, d), (_, page_size, hkv, dv) = q.shape, v_cache.shape
-        max_pages, threads = pages.shape[1], torch.get_num_threads()
-        # Split each row's keys so every thread gets two tasks, into at most one share a page.
-        splits = 1 if b >= 2 * threads else max(1, min(-(-2 * threads // b), max_pages))
+        splits, scratch = self.attention_scratch(b, h, d, dv, page_size, pages.shape[1])
         out = torch.empty(b, h, dv, dtype=torch.float32)
-        scratch = torch.empty(b * h * (max_pages * page_size + splits * (dv + 2)), dtype=torch.float32)
         self.lib.astrai_paged_decode_attention(
-            _ptr(q), _ptr(k_cache), _ptr(v_cache), _ptr(pages), _ptr(lengths), _ptr(out), _ptr(scratch),
-            b, h, hkv, d, dv, page_size, max_pages, splits, scale, threads)
+            _ptr(q), _ptr(k_cache), _ptr(v_cache), _ptr(pages), _ptr(lengths), _ptr(out),
+            _ptr(scratch) + 4 * b * h * d, b, h, hkv, d, dv, page_size, pages.shape[1], splits, scale,
+            torch.get_num_threads())
         return out
+
+    def rope_decode_attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                              v_cache: torch.Tensor, slots: torch.Tensor, pages: torch.Tensor,
+                              lengths: torch.Tensor, scale: float, splits: int, scratch: torch.Tensor
+                              ) -> torch.Tensor:
+        """RoPE on q (..., B, H, D) and k (..., B, Hkv, D), k and v (..., B, Hkv, Dv) written at
+        `slots` (B,) of `layer` in k_cache / v_cache (layers, n_pages, page_size, heads, dim),
+        then `paged_decode_attention` -> (B, H, Dv). q/k/v fp32, each token's heads one
+        contiguous run (they may be column slices of one tensor); cos/sin (..., B, D) fp32
+        contiguous; `splits` and `scratch` from `attention_scratch`. Called once per layer of a
+        decode step, so it indexes nothing: every view it would make costs a microsecond."""
+        b, h, d = q.shape[-3:]
+        _, _, page_size, hkv, dv = v_cache.shape
+        out = torch.empty(b, h, dv, dtype=torch.float32)
+        self.lib.astrai_rope_decode_attention(
+            _ptr(q), _ptr(k), _ptr(v), q.stride(-3), k.stride(-3), v.stride(-3), _ptr(cos), _ptr(sin),
+            _ptr(k_cache) + 4 * layer * k_cache.stride(0), _ptr(v_cache) + 4 * layer * v_cache.stride(0),
+            _ptr(slots), _ptr(pages), _ptr(lengths), _ptr(out), _ptr(scratch),
+            b, h, hkv, d, dv, page_size, pages.shape[1], splits, scale, torch.get_num_threads())
+        return out
+
+    def decode_layer(self, layer: DecodeLayer, step: DecodeStep, x: torch.Tensor) -> torch.Tensor:
+        """One decoder block over x (..., rows, dim) fp32 contiguous -> the same shape, this
+        step's keys and values written; `step.scratch` must hold `decode_layer_scratch`."""
+        out = torch.empty_like(x)
+        self.lib.astrai_decode_layer_forward(ctypes.byref(layer), ctypes.byref(step), _ptr(x), _ptr(out))
+        return out
+
+    def decode_layer_scratch(self, layer: DecodeLayer, step: DecodeStep) -> int:
+        """Floats of scratch `decode_layer` needs for this layer and step."""
+        return self.lib.astrai_decode_layer_scratch(ctypes.byref(layer), step.rows, step.page_size,
+                                                    step.max_pages, step.splits)
+
+    @staticmethod
+    def attention_scratch(b: int, h: int, d: int, dv: int, page_size: int, max_pages: int,
+                          allocate: bool = True) -> tuple[int, torch.Tensor | None]:
+        """The key splits of a decode attention call over B rows and the scratch it needs (the
+        rotated queries, the scores, each split's partial result), reusable across layers."""
+        # Split each row's keys so every thread gets two tasks, into at most one share a page.
+        threads = torch.get_num_threads()
+        splits = 1 if b >= 2 * threads else max(1, min(-(-2 * threads // b), max_pages))
+        floats = b * h * (d + max_pages * page_size + splits * (dv + 2))
+        return splits, torch.empty(floats, dtype=torch.float32) if allocate else None
 
 
 class _Unavailable(Exception):

@@ -16,9 +16,10 @@ step holds only fresh prompts (nothing cached), the keys are exactly this step's
 copied.
 
 A decode-only step on CPU in fp32 skips both the copy and the grouping: `attend_cached` (the
-`CachedAttention` seam, which GQA uses) runs `small_batch.c`'s paged decode attention over each
-row's own pages in storage. With one query per row, copying the pages cost more than the
-attention itself.
+`CachedAttention` seam) runs `small_batch.c`'s paged decode attention over each row's own pages
+in storage. With one query per row, copying the pages cost more than the attention itself.
+GQA goes one further through `rope_write_attend` (`RopeCachedAttention`): RoPE, the cache
+write and that attention in one kernel call a layer.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import torch.nn.functional as F
 
 from astrai_core.model import causal_mask
 from astrai_serve import kernels
+from astrai_serve.kernels.native import DecodeLayer, DecodeStep
 from astrai_serve.kvcache.storage import Storage
 
 GROUP_RATIO = 0.75  # a decode row joins a group while it needs this share of its longest row's pages
@@ -65,6 +67,12 @@ class _Chunk:
     mask: torch.Tensor | None  # (n_new, length) bottom-right causal, None for is_causal
 
 
+def _heads_contiguous(t: torch.Tensor) -> bool:
+    """(1, N, heads, dim) with each token's heads one contiguous run (a column slice of a fused
+    projection qualifies)."""
+    return t.stride(-1) == 1 and t.stride(-2) == t.shape[-1]
+
+
 class PackedView:
     def __init__(self, storage: Storage, decode: Sequence[Segment], prefill: Sequence[Segment]) -> None:
         """`decode` segments (one new token each) must come longest first."""
@@ -75,6 +83,10 @@ class PackedView:
         positions, slots = self._token_layout(decode, prefill)
         self._kernels = self._decode_kernels(storage, decode, prefill)
         self._decode = decode
+        self._scratch: torch.Tensor | None = None  # the kernel attention's, planned on first use
+        self._splits = 1
+        self._decode_step: DecodeStep | None = None  # run_decode_layer's, bound on first use
+        self._layer_scratch: torch.Tensor | None = None
         index: list[int] = []
         if self._kernels is not None:  # per-row page table (B, max_pages) and key counts
             width = max(len(s.pages) for s in decode)
@@ -185,6 +197,66 @@ class PackedView:
             rows, self._storage.k_cache[layer_id], self._storage.v_cache[layer_id], self._page_table,
             self._lengths, q.shape[-1] ** -0.5 if scale is None else scale)
         return out.transpose(0, 1)[None]
+
+    # -- kernels.decode_block -----------------------------------------------------------------
+    def run_decode_layer(self, layer: DecodeLayer, x: torch.Tensor,
+                         rotary_emb: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor | None:
+        """A whole `KernelDecoderBlock` over x (1, N, dim) -> (1, N, dim), this step's keys and
+        values written; None (nothing written) unless this is a kernel step the kernel can run."""
+        cos, sin = rotary_emb
+        if self._kernels is None or x.dtype != torch.float32 or not x.is_contiguous():
+            return None
+        step = self._decode_step
+        if step is None or step.cos != cos.data_ptr() or step.sin != sin.data_ptr():
+            step = self._bind_decode_step(layer, cos, sin)
+            if step is None:
+                return None
+        need = self._kernels.decode_layer_scratch(layer, step)
+        if self._layer_scratch is None or self._layer_scratch.numel() < need:  # the first layer, or a wider one
+            self._layer_scratch = torch.empty(need, dtype=torch.float32)
+            step.scratch = self._layer_scratch.data_ptr()
+        return self._kernels.decode_layer(layer, step, x)
+
+    def _bind_decode_step(self, layer: DecodeLayer, cos: torch.Tensor, sin: torch.Tensor) -> DecodeStep | None:
+        kv, storage = self._storage.spec, self._storage
+        if (cos.dtype != torch.float32 or cos.shape[-1] != layer.head_dim or not cos.is_contiguous()
+                or not sin.is_contiguous() or (kv.k_heads, kv.k_dim, kv.v_heads, kv.v_dim)
+                != (layer.kv_heads, layer.head_dim, layer.kv_heads, layer.head_dim)):
+            return None
+        rows, max_pages = self._page_table.shape
+        splits, _ = self._kernels.attention_scratch(rows, layer.heads, layer.head_dim, layer.head_dim,
+                                                    storage.page_size, max_pages, allocate=False)
+        self._decode_step = DecodeStep(
+            cos.data_ptr(), sin.data_ptr(), storage.k_cache.data_ptr(), storage.v_cache.data_ptr(),
+            storage.k_cache.stride(0), storage.v_cache.stride(0), self._slots.data_ptr(),
+            self._page_table.data_ptr(), self._lengths.data_ptr(), rows, storage.page_size, max_pages,
+            splits, layer.head_dim ** -0.5, None, torch.get_num_threads())
+        self._layer_scratch = None
+        return self._decode_step
+
+    # -- RopeCachedAttention -----------------------------------------------------------------
+    def rope_write_attend(self, layer_id: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          cos: torch.Tensor, sin: torch.Tensor, scale: float | None) -> torch.Tensor | None:
+        """q (1, N, H, D), k (1, N, Hkv, D), v (1, N, Hkv, Dv) before RoPE -> (1, N, H, Dv);
+        None (nothing written) unless this is a kernel step and the layout is the kernel's."""
+        if self._kernels is None or not self._rope_layout_ok(q, k, v, cos, sin):
+            return None
+        if self._scratch is None:  # one per step, shared by the layers
+            self._splits, self._scratch = self._kernels.attention_scratch(
+                q.shape[1], q.shape[2], q.shape[3], v.shape[3], self._storage.page_size, self._page_table.shape[1])
+        out = self._kernels.rope_decode_attention(
+            layer_id, q, k, v, cos, sin, self._storage.k_cache, self._storage.v_cache, self._slots,
+            self._page_table, self._lengths, q.shape[-1] ** -0.5 if scale is None else scale,
+            self._splits, self._scratch)
+        return out[None]
+
+    def _rope_layout_ok(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                        sin: torch.Tensor) -> bool:
+        kv = self._storage.spec
+        return (q.dtype == k.dtype == v.dtype == cos.dtype == torch.float32 and cos.shape[-1] == q.shape[-1]
+                and cos.is_contiguous() and sin.is_contiguous()
+                and (k.shape[2], k.shape[3], v.shape[2], v.shape[3]) == (kv.k_heads, kv.k_dim, kv.v_heads, kv.v_dim)
+                and _heads_contiguous(q) and _heads_contiguous(k) and _heads_contiguous(v))
 
     # -- AttentionPlan ------------------------------------------------------------------------
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:
