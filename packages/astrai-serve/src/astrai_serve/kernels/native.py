@@ -4,8 +4,10 @@ Why our own kernels: at a few rows a linear layer is a read of its weights, and 
 torch's CPU paths reads at the memory's speed there. On a 2-core AMD EPYC (AVX2) a decode step's
 49 fp32 products read 24 GB/s through `small_batch.c` against 18 through oneDNN's packed GEMM
 and 16 through MKL; up to 16 rows its register-tiled product is still faster than oneDNN's. The
-int8 dot (int8 weights and activations) runs 2.6x fbgemm's at one row. Beyond `F32_MAX_ROWS` /
-`INT8_MAX_ROWS` oneDNN and fbgemm are faster, and stay in use there (docs/benchmarks.md).
+int8 dot (int8 weights and activations) runs 2.6x fbgemm's at one row for one layer (1.8x over
+a whole step's layers, Python included). Beyond `F32_MAX_ROWS` / `INT8_MAX_ROWS` oneDNN and
+fbgemm are faster, and stay in use there (docs/benchmarks.md). A decode step's blocks run as
+one call each (`decode_block.py`).
 
 Loading is best effort: without an x86-64 CPU with AVX2 and FMA, a C compiler (`$CC`, else
 `cc`), or with `ASTRAI_NATIVE_KERNELS=0`, `load()` returns None and serving keeps torch's
@@ -43,7 +45,7 @@ DISABLE_ENV = "ASTRAI_NATIVE_KERNELS"
 # Up to here the kernels beat torch's (measured on a 2-core AMD EPYC Milan without native bf16,
 # docs/benchmarks.md; other CPUs may want other limits); beyond, torch's run.
 F32_MAX_ROWS = 16  # fp32 against oneDNN: 1.3x at 1 row, 1.12x at 16, even at 32, 0.93x at 64
-INT8_MAX_ROWS = 8  # int8 against fbgemm: 2.6x at 1 row, even at 8, 0.8x at 16
+INT8_MAX_ROWS = 8  # int8 layers against fbgemm's: 1.8x at 1 row, 1.2x at 8, 0.86-1.15x at 16
 BUILD_TIMEOUT_S = 120
 
 _c_ptr, _c_i64, _c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
