@@ -1,4 +1,4 @@
-"""`KernelDecoderBlock`: a decode step's block as one `small_batch.c` call gives the unfused
+"""`KernelDecoderBlock`: a decode step's block as one kernel call gives the unfused
 block's result (fp32 to rounding, int8 within its stated error), falls back to the block's own
 forward wherever the kernel does not apply, and leaves the model's weights and names alone."""
 

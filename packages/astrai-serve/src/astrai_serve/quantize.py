@@ -59,7 +59,7 @@ def _swap(model: nn.Module, name: str, module: nn.Module) -> None:
 
 class PackedLinear(nn.Module):
     """A float linear layer whose weight lives in oneDNN's packed layout (CPU); fp32 products of
-    up to `kernels.F32_MAX_ROWS` rows run `small_batch.c` on a plain copy, where it is faster."""
+    up to `kernels.F32_MAX_ROWS` rows run `kernels/linear.c` on a plain copy, where it is faster."""
 
     def __init__(self, linear: nn.Module) -> None:
         super().__init__()
@@ -111,7 +111,7 @@ class Int8Linear(nn.Module):
             bias = None if linear.bias is None else linear.bias.detach().float()
             self.packed = torch.ops.quantized.linear_prepack(qweight, bias)
         self.bias = bias
-        # Up to kernels.INT8_MAX_ROWS rows: small_batch.c's int8 x int8 dot on a plain copy (the
+        # Up to kernels.INT8_MAX_ROWS rows: linear.c's int8 x int8 dot on a plain copy (the
         # int8 weights again, a quarter of the fp32 bytes), activations 8-bit per row.
         self._kernels = kernels.load()
         if self._kernels is not None:
@@ -156,7 +156,7 @@ class Int8Linear(nn.Module):
 
 
 class KernelRMSNorm(nn.Module):
-    """An fp32 RMSNorm run by `small_batch.c` in one pass (a decode step runs 2 per layer)."""
+    """An fp32 RMSNorm run by `kernels/norm.c` in one pass (a decode step runs 2 per layer)."""
 
     def __init__(self, norm: RMSNorm, small_batch: kernels.SmallBatchKernels) -> None:
         super().__init__()

@@ -1,4 +1,4 @@
-"""Native CPU kernels for serving: small-batch linear layers (`small_batch.c`), built on first use."""
+"""Native CPU kernels for serving decode steps (`small_batch.h` and its C files), built on first use."""
 
 from astrai_serve.kernels.native import (
     F32_MAX_ROWS,

@@ -1,4 +1,4 @@
-"""`KernelDecoderBlock`: a `DecoderBlock` whose decode steps run as one `small_batch.c` call.
+"""`KernelDecoderBlock`: a `DecoderBlock` whose decode steps run as one kernel call (decode_layer.c).
 
 A decode step of a small model on a CPU is short (about 13 ms for a 124M int8 model), and a
 block's forward in Python is about forty module calls and tensor ops: norms, projections,

@@ -1,8 +1,9 @@
-"""Builds `small_batch.c` once with the system C compiler and loads it (ctypes).
+"""Builds the small-batch kernels (`small_batch.h` and its C files) once with the system C
+compiler into one library and loads it (ctypes).
 
 Why our own kernels: at a few rows a linear layer is a read of its weights, and neither of
 torch's CPU paths reads at the memory's speed there. On a 2-core AMD EPYC (AVX2) a decode step's
-49 fp32 products read 24 GB/s through `small_batch.c` against 18 through oneDNN's packed GEMM
+49 fp32 products read 24 GB/s through `linear.c` against 18 through oneDNN's packed GEMM
 and 16 through MKL; up to 16 rows its register-tiled product is still faster than oneDNN's. The
 int8 dot (int8 weights and activations) runs 2.6x fbgemm's at one row for one layer (1.8x over
 a whole step's layers, Python included). Beyond `F32_MAX_ROWS` / `INT8_MAX_ROWS` oneDNN and
@@ -38,7 +39,9 @@ from astrai_core.capability import cpu_flags
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("small_batch.c")
+FOLDER = Path(__file__).parent
+SOURCES = ("linear.c", "norm.c", "attention.c", "decode_layer.c")  # one library: small_batch.h
+HEADERS = ("simd.h", "small_batch.h")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared")
 REQUIRED_CPU_FLAGS = ("avx2", "fma")
 DISABLE_ENV = "ASTRAI_NATIVE_KERNELS"
@@ -56,13 +59,13 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 
 class LinearRef(ctypes.Structure):
-    """small_batch.c's `astrai_linear_ref`: one fp32 or int8 (with row scales) linear layer."""
+    """small_batch.h's `astrai_linear_ref`: one fp32 or int8 (with row scales) linear layer."""
 
     _fields_ = [("weight", _c_ptr), ("scales", _c_ptr), ("bias", _c_ptr), ("n", _c_i64), ("k", _c_i64)]
 
 
 class DecodeLayer(ctypes.Structure):
-    """small_batch.c's `astrai_decode_layer`: the weights and shape of one decoder block. It
+    """small_batch.h's `astrai_decode_layer`: the weights and shape of one decoder block. It
     holds raw pointers: the tensors must outlive it (the block that owns them keeps both)."""
 
     _fields_ = [("qkv", LinearRef), ("o", LinearRef), ("gate_up", LinearRef), ("down", LinearRef),
@@ -72,7 +75,7 @@ class DecodeLayer(ctypes.Structure):
 
 
 class DecodeStep(ctypes.Structure):
-    """small_batch.c's `astrai_decode_step`: what every layer of one decode step shares."""
+    """small_batch.h's `astrai_decode_step`: what every layer of one decode step shares."""
 
     _fields_ = [("cos", _c_ptr), ("sin", _c_ptr), ("k_cache", _c_ptr), ("v_cache", _c_ptr),
                 ("k_layer_stride", _c_i64), ("v_layer_stride", _c_i64), ("slots", _c_ptr),
@@ -256,9 +259,9 @@ def _build_and_load() -> SmallBatchKernels:
 
 
 def _cached_build(compiler: str) -> Path:
-    source = SOURCE.read_bytes()
+    texts = [name.encode() + b"\0" + (FOLDER / name).read_bytes() for name in SOURCES + HEADERS]
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-    digest = hashlib.sha256(b"\0".join([source, " ".join(FLAGS).encode(), version.encode()])).hexdigest()
+    digest = hashlib.sha256(b"\0".join([*texts, " ".join(FLAGS).encode(), version.encode()])).hexdigest()
     folder = _cache_folder()
     path = folder / f"small_batch-{digest[:16]}.so"
     if path.exists():
@@ -266,8 +269,8 @@ def _cached_build(compiler: str) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
     os.close(fd)
     try:
-        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True,
-                              text=True, timeout=BUILD_TIMEOUT_S)
+        done = subprocess.run([compiler, *FLAGS, *(str(FOLDER / name) for name in SOURCES), "-o", tmp],
+                              capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
         if done.returncode != 0:
             raise _Unavailable(f"{compiler} failed: {done.stderr.strip().splitlines()[-1:] or done.returncode}")
         os.replace(tmp, path)  # atomic: another process sees no file or the whole file

@@ -16,7 +16,7 @@ step holds only fresh prompts (nothing cached), the keys are exactly this step's
 copied.
 
 A decode-only step on CPU in fp32 skips both the copy and the grouping: `attend_cached` (the
-`CachedAttention` seam) runs `small_batch.c`'s paged decode attention over each row's own pages
+`CachedAttention` seam) runs `attention.c`'s paged decode attention over each row's own pages
 in storage. With one query per row, copying the pages cost more than the attention itself.
 GQA goes one further through `rope_write_attend` (`RopeCachedAttention`): RoPE, the cache
 write and that attention in one kernel call a layer.
