@@ -284,6 +284,9 @@ def test_rope_write_attend_declines_a_layout_it_cannot_run_and_writes_nothing(sm
     assert view.rope_write_attend(0, q, k, v, torch.ones(1, 1, 6), torch.zeros(1, 1, 6), None) is None  # rope dim
     assert torch.equal(cache.storage.k_cache, before)
     assert view.rope_write_attend(0, q, k, v, cos, sin, None).shape == (1, 1, 4, 8)
+    small = view._scratch.numel()  # a layer with more query heads gets a bigger scratch
+    assert view.rope_write_attend(0, torch.randn(1, 1, 8, 8), k, v, cos, sin, None).shape == (1, 1, 8, 8)
+    assert view._scratch.numel() > small
 
 
 def test_a_damaged_cached_library_falls_back_and_names_the_file(monkeypatch, fresh_load):

@@ -187,8 +187,13 @@ class SmallBatchKernels:
         # Split each row's keys so every thread gets two tasks, into at most one share a page.
         threads = torch.get_num_threads()
         splits = 1 if b >= 2 * threads else max(1, min(-(-2 * threads // b), max_pages))
-        floats = b * h * (d + max_pages * page_size + splits * (dv + 2))
+        floats = SmallBatchKernels.attention_floats(b, h, d, dv, page_size, max_pages, splits)
         return splits, torch.empty(floats, dtype=torch.float32) if allocate else None
+
+    @staticmethod
+    def attention_floats(b: int, h: int, d: int, dv: int, page_size: int, max_pages: int, splits: int) -> int:
+        """Scratch floats of one call: the rotated queries, the scores, each split's partial."""
+        return b * h * (d + max_pages * page_size + splits * (dv + 2))
 
 
 class _Unavailable(Exception):

@@ -86,6 +86,7 @@ class PackedView:
         self._scratch: torch.Tensor | None = None  # the kernel attention's, planned on first use
         self._splits = 1
         self._decode_step: DecodeStep | None = None  # run_decode_layer's, bound on first use
+        self._step_head_dim = 0
         self._layer_scratch: torch.Tensor | None = None
         index: list[int] = []
         if self._kernels is not None:  # per-row page table (B, max_pages) and key counts
@@ -207,7 +208,8 @@ class PackedView:
         if self._kernels is None or x.dtype != torch.float32 or not x.is_contiguous():
             return None
         step = self._decode_step
-        if step is None or step.cos != cos.data_ptr() or step.sin != sin.data_ptr():
+        if (step is None or step.cos != cos.data_ptr() or step.sin != sin.data_ptr()
+                or self._step_head_dim != layer.head_dim):  # bound for another layer shape
             step = self._bind_decode_step(layer, cos, sin)
             if step is None:
                 return None
@@ -231,6 +233,7 @@ class PackedView:
             storage.k_cache.stride(0), storage.v_cache.stride(0), self._slots.data_ptr(),
             self._page_table.data_ptr(), self._lengths.data_ptr(), rows, storage.page_size, max_pages,
             splits, layer.head_dim ** -0.5, None, torch.get_num_threads())
+        self._step_head_dim = layer.head_dim
         self._layer_scratch = None
         return self._decode_step
 
@@ -241,9 +244,12 @@ class PackedView:
         None (nothing written) unless this is a kernel step and the layout is the kernel's."""
         if self._kernels is None or not self._rope_layout_ok(q, k, v, cos, sin):
             return None
-        if self._scratch is None:  # one per step, shared by the layers
+        h, d, dv = q.shape[2], q.shape[3], v.shape[3]
+        if self._scratch is None or self._scratch.numel() < self._kernels.attention_floats(
+                q.shape[1], h, d, dv, self._storage.page_size, self._page_table.shape[1], self._splits):
+            # one per step, shared by the layers (a wider layer gets a bigger one)
             self._splits, self._scratch = self._kernels.attention_scratch(
-                q.shape[1], q.shape[2], q.shape[3], v.shape[3], self._storage.page_size, self._page_table.shape[1])
+                q.shape[1], h, d, dv, self._storage.page_size, self._page_table.shape[1])
         out = self._kernels.rope_decode_attention(
             layer_id, q, k, v, cos, sin, self._storage.k_cache, self._storage.v_cache, self._slots,
             self._page_table, self._lengths, q.shape[-1] ** -0.5 if scale is None else scale,
