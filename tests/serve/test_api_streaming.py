@@ -36,6 +36,21 @@ def test_chinese_and_emoji_stream_without_a_broken_character(tokenizer):
     assert payloads[-1] == "[DONE]"
 
 
+def test_a_token_that_is_a_unicode_line_break_keeps_each_event_on_one_line(tokenizer):
+    """U+0085, U+2028 and U+2029 are line breaks to str.splitlines (httpx's `iter_lines`) and to
+    JavaScript: sent raw inside the JSON they cut an event in two for those clients."""
+    text = "a\u2028b\u2029c\x85d"
+    model, ids = memorizing_model(tokenizer, text)
+    with InferenceEngine(model, tokenizer, page_size=4) as engine, \
+            LiveServer(create_app(engine)) as server:
+        body = {"prompt": ids[:1], "temperature": 0, "max_tokens": 32, "stream": True}
+        with httpx.stream("POST", f"{server.url}/v1/completions", json=body) as response:
+            lines = list(response.iter_lines())
+    payloads = sse_payloads(lines)  # every data line parses
+    assert "".join(p["choices"][0]["text"] for p in payloads[:-1] if p["choices"]) == text
+    assert payloads[-1] == "[DONE]"
+
+
 @pytest.fixture
 def slow_server(model, tokenizer):
     with InferenceEngine(model, tokenizer, page_size=4, max_batch_size=1) as engine, \

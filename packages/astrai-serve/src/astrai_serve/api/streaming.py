@@ -14,8 +14,14 @@ from starlette.types import Receive, Scope, Send
 DONE = b"data: [DONE]\n\n"
 
 
+# Characters JSON may carry raw that Python's str.splitlines (and so httpx's `iter_lines`) and
+# JavaScript treat as line breaks: a token decoding to one of them split its event in two for
+# such clients. Escaped, the JSON means the same and every event stays on one line.
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def _dumps(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":")).translate(_LINE_BREAKS)
 
 
 def sse(payload: dict[str, Any]) -> bytes:

@@ -52,7 +52,7 @@ static inline __m256 dot8(const float *q, const float *k, int64_t ks, int64_t D)
  * stays in registers over all its keys: one FMA chain per 8 output lanes, no loads and stores
  * of the running sum; up to 3 query heads of a KV group share each load of V. Against the
  * one-key-at-a-time loop (131 keys, 12/4 heads of 64, AMD EPYC Milan): 2.3x on one thread,
- * 3.3x on two. A split keeps its max m, sum l = sum e^(s - m) and o = sum e^(s - m) v; the splits
+ * 2.9-3.3x on two. A split keeps its max m, sum l = sum e^(s - m) and o = sum e^(s - m) v; the splits
  * then merge exactly (rescaled by e^(m - max m)). Softmax in fp32 with the max subtracted. */
 void astrai_paged_decode_attention(const float *q, const float *k_cache, const float *v_cache,
                                    const int64_t *pages, const int64_t *lengths, float *out,
