@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from astrai_core import AutoModel, AutoTokenizer
 from astrai_core.cli.main import app
 from astrai_data import save_h5, synthesize
-from astrai_train.evaluation import HeldOutSet, score_model
+from astrai_train.evaluation import HeldOutSet, preference_gaps, preference_scores, score_model
 from astrai_train.evaluation.scoring import rolling_windows
 from astrai_train.rl.rewards import build_reward
 from tolerances import forward_bound
@@ -144,3 +144,19 @@ def test_the_heldout_task_is_the_quickstart_s_scoring(folder, tmp_path):
         for lang, value in getattr(direct, metric).items():
             assert got[(metric, lang)] == value, (metric, lang)
     assert {lang for _, lang in got} == {"en", "zh"}
+
+
+def test_a_reference_s_gaps_give_the_margins_the_reference_gives(folder, tmp_path):
+    """The quickstart scores the SFT model's log-prob gaps once and reuses them for the DPO
+    and GRPO rows: the same numbers as scoring the reference each time."""
+    policy = AutoModel.from_pretrained(make_model_dir(tmp_path / "p", folder, seed=3, max_seq_len=256),
+                                       dtype="float32")
+    reference = AutoModel.from_pretrained(make_model_dir(tmp_path / "r", folder, seed=4,
+                                                         max_seq_len=256), dtype="float32")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    synthesize(tmp_path / "corpus", size=40, eval_per_lang=4)
+    pairs = HeldOutSet.load(tmp_path / "corpus").pairs
+    by_model = preference_scores(policy, tokenizer, pairs, reference, beta=0.2)
+    gaps = preference_gaps(reference, tokenizer, pairs)
+    assert preference_scores(policy, tokenizer, pairs, beta=0.2, reference_gaps=gaps) == by_model
+    assert set(by_model[1]) == {"en", "zh"} and any(v != 0 for v in by_model[1].values())

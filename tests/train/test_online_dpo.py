@@ -76,16 +76,18 @@ def test_online_dpo_raises_the_mean_reward_of_a_tiny_policy(make_config):
     assert 0.4 < before < 0.6 and after > before + 0.2, (before, after)
 
 
-def test_online_dpo_rollouts_skip_the_sampling_log_probs(make_config, tokenizer_dir):
+def test_the_trainer_s_rollouts_skip_the_sampling_log_probs(make_config, tokenizer_dir):
     from astrai_train.builder import build_rollout_source
 
     dpo = build_rollout_source(make_config(strategy="dpo", online=True,
                                            tokenizer=str(tokenizer_dir)))
     grpo = build_rollout_source(make_config(strategy="grpo", online=True,
                                             tokenizer=str(tokenizer_dir)))
-    assert dpo.config.old_log_probs is False and grpo.config.old_log_probs is True
-    with dpo:
-        assert "old_log_probs" not in dpo(prompts(1), micro_model(0))
+    # One update per rollout: the sampling policy is the trained one (GRPO detaches it).
+    assert dpo.config.old_log_probs is False and grpo.config.old_log_probs is False
+    for rollouts in (dpo, grpo):
+        with rollouts:
+            assert "old_log_probs" not in rollouts(prompts(1), micro_model(0))
 
 
 class Crash(TrainCallback):

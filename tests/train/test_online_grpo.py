@@ -154,6 +154,39 @@ def test_old_log_probs_are_a_fresh_forward_so_the_first_ratio_is_one():
     assert float(loss) == pytest.approx(float(-(adv * n).sum() / n.sum()), abs=tol)
 
 
+def test_online_without_old_log_probs_the_ratio_is_the_policy_itself():
+    """The trainer's rollouts carry no sampling log-probs: the ratio's denominator is the
+    policy detached, so rho is exactly 1 and the loss's gradient is the policy gradient,
+    sum_i A_i grad log pi(y_i) / tokens (no KL), whatever the reference says."""
+    model = micro_model(1)
+    items = prompts(2, seed=1)
+    with source(old_log_probs=False) as rollouts:
+        batch = rollouts(items, model)
+    assert "old_log_probs" not in batch
+    strategy = GRPOStrategy(model, kl_coef=0.0, rollout_source=lambda p, m: batch,
+                            ref_model=micro_model(5))  # a reference far from the policy
+    loss = strategy.compute_loss(strategy.prepare_batch(items))
+    mask = batch["loss_mask"]
+    adv = group_advantages(batch["rewards"])
+    n = mask.sum(-1).float()
+    assert float(strategy.metrics["clip_fraction"]) == 0.0
+    top = float(adv.abs().max())
+    assert float(loss.detach()) == pytest.approx(
+        float(-(adv * n).sum() / n.sum()), abs=reorder_bound(int(n.sum()), scale=top, dtype=torch.float32))
+    loss.backward()
+    got = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    T = batch["input_ids"].shape[-1]
+    logp = token_log_probs(model, batch["input_ids"].view(-1, T), batch["labels"].view(-1, T))
+    weights = (adv.view(-1, 1) * mask.view(-1, T)).to(logp) / n.sum()
+    (-(logp * weights).sum()).backward()
+    for a, p in zip(got, model.parameters(), strict=True):
+        # The same backward products; only the loss's sum and the min's tie split (half the
+        # gradient through each side) round differently: ~100 fp32 ulps bounds it.
+        eps = torch.finfo(torch.float32).eps
+        assert torch.allclose(a, p.grad, rtol=100 * eps, atol=100 * eps * float(p.grad.abs().max()))
+
+
 def test_a_seeded_rollout_is_reproducible_and_later_rollouts_differ():
     def run() -> list[dict[str, torch.Tensor]]:
         torch.manual_seed(3)

@@ -112,6 +112,39 @@ def test_newton_schulz_brings_every_singular_value_near_one():
     assert singular.min() > 0.6 and singular.max() < 1.3, singular
 
 
+def test_a_stack_is_orthogonalised_matrix_by_matrix():
+    """Muon runs same-shape matrices through Newton-Schulz as one stack: each result is the
+    matrix's own (within fp32 rounding of the batched products), tall and wide alike."""
+    g = torch.Generator().manual_seed(0)
+    for shape in ((3, 40, 24), (3, 24, 40)):
+        stack = torch.randn(*shape, generator=g) * torch.tensor([0.01, 1.0, 100.0]).view(3, 1, 1)
+        together = orthogonalize(stack, torch.float32)
+        for i in range(3):
+            alone = orthogonalize(stack[i], torch.float32)
+            # 15 products of sums over <= 40 terms of values <= ~1.2: a few hundred ulps at most.
+            assert torch.allclose(together[i], alone, rtol=0, atol=2000 * torch.finfo(torch.float32).eps)
+
+
+def test_muon_steps_same_shape_matrices_together_as_it_would_one_by_one():
+    g = torch.Generator().manual_seed(1)
+    starts = [torch.randn(32, 16, generator=g) for _ in range(3)] + [torch.randn(16, 16, generator=g)]
+    grads = [torch.randn_like(s) for s in starts]
+    together = [torch.nn.Parameter(s.clone()) for s in starts]
+    alone = [torch.nn.Parameter(s.clone()) for s in starts]
+    opt = Muon(together, lr=0.02)
+    singles = [Muon([p], lr=0.02) for p in alone]
+    for _ in range(2):
+        for p, q, grad in zip(together, alone, grads, strict=True):
+            p.grad, q.grad = grad.clone(), grad.clone()
+        opt.step()
+        for single in singles:
+            single.step()
+    for p, q in zip(together, alone, strict=True):
+        # An update moves a weight by lr * 0.2 * sqrt(32) * O(1): its rounding is ~1e-6 of that.
+        assert torch.allclose(p, q, rtol=0, atol=1e-5)
+    assert len(opt.state) == 4  # every matrix keeps its own momentum
+
+
 def test_a_muon_run_resumes_bit_identically(seq_file, tmp_path):
     reference = Trainer(resume_config(seq_file, tmp_path / "a", optimizer="muon")).train()
     Trainer(resume_config(seq_file, tmp_path / "b", optimizer="muon", max_steps=3)).train()

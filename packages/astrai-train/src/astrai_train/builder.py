@@ -124,7 +124,9 @@ def require_objects(cfg: TrainConfig) -> None:
 
 def build_rollout_source(cfg: TrainConfig) -> Any:
     """Online GRPO's and DPO's sampler: the engine of astrai-serve (the `rl` extra) on the live
-    policy (DPO needs no log-probs of the sampling policy)."""
+    policy. No log-probs of the sampling policy: each rollout gets exactly one update (under
+    gradient accumulation too, as no update falls between a window's rollouts), so the
+    sampling policy is the one being trained; GRPO's ratio takes it detached."""
     from astrai_train.rl import EngineRolloutSource, RolloutConfig, build_reward, require_serve
     from astrai_train.rl.rollout import DEFAULT_GROUP_SIZE
 
@@ -137,7 +139,7 @@ def build_rollout_source(cfg: TrainConfig) -> Any:
     rollout = RolloutConfig(group_size=cfg.grpo_group_size or DEFAULT_GROUP_SIZE,
                             max_new_tokens=cfg.rollout_max_tokens,
                             temperature=cfg.rollout_temperature, top_p=cfg.rollout_top_p,
-                            seed=cfg.seed, old_log_probs=cfg.strategy == "grpo")
+                            seed=cfg.seed, old_log_probs=False)
     reward = build_reward(cfg.reward)  # comma-separated names are averaged
     return EngineRolloutSource(AutoTokenizer.from_pretrained(cfg.tokenizer), reward, rollout)
 

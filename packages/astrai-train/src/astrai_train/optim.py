@@ -82,17 +82,20 @@ NS_STEPS = 5
 
 def orthogonalize(matrix: torch.Tensor, dtype: torch.dtype, eps: float = 1e-7) -> torch.Tensor:
     """Newton-Schulz iteration towards U V^T of `matrix` = U S V^T (singular values land in
-    about [0.7, 1.2]), computed in `dtype`."""
+    about [0.7, 1.2]), computed in `dtype`. A stack (n, rows, cols) is orthogonalised matrix by
+    matrix in batched products."""
     a, b, c = NS_COEFFICIENTS
     x = matrix.to(dtype=dtype, copy=True)
-    tall = x.shape[0] > x.shape[1]
+    tall = x.shape[-2] > x.shape[-1]
     if tall:  # iterate on the wide side: the Gram matrix is the smaller square
-        x = x.T
-    x.div_(x.norm().clamp(min=eps))  # spectral norm <= Frobenius norm <= 1
+        x = x.mT
+    # Each matrix by its own norm: spectral norm <= Frobenius norm <= 1.
+    x.div_(x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps))
+    addmm = torch.addmm if x.ndim == 2 else torch.baddbmm
     for _ in range(NS_STEPS):
-        gram = x @ x.T
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return x.T if tall else x
+        gram = x @ x.mT
+        x = addmm(x, addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.mT if tall else x
 
 
 class Muon(Optimizer):
@@ -119,21 +122,39 @@ class Muon(Optimizer):
     def step(self, closure: Any = None) -> Any:
         loss = closure() if closure is not None else None
         for group in self.param_groups:
-            lr, momentum = group["lr"], group["momentum"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                buf = state["momentum_buffer"]
-                buf.lerp_(p.grad, 1 - momentum)
-                update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
-                dtype = self.ns_dtype or compute_dtype(p.device)
-                update = orthogonalize(update, dtype)
-                p.mul_(1 - lr * group["weight_decay"])
-                p.add_(update, alpha=-lr * 0.2 * math.sqrt(max(p.shape)))
+            # Matrices of one shape go through Newton-Schulz together: a small model's
+            # matrices are too small for one product each to keep two cores busy (a 1M model's
+            # Muon step: 16 matrices, 4 shapes).
+            for params in self._same_shape(group["params"]):
+                self._update(params, group)
         return loss
+
+    @staticmethod
+    def _same_shape(params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+        by_shape: dict[tuple[Any, ...], list[torch.Tensor]] = {}
+        for p in params:
+            if p.grad is not None:
+                by_shape.setdefault((p.shape, p.dtype, p.device), []).append(p)
+        return list(by_shape.values())
+
+    def _update(self, params: list[torch.Tensor], group: dict[str, Any]) -> None:
+        lr, momentum = group["lr"], group["momentum"]
+        updates = []
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state["momentum_buffer"] = torch.zeros_like(p)
+            buf = state["momentum_buffer"]
+            buf.lerp_(p.grad, 1 - momentum)
+            updates.append(p.grad.lerp(buf, momentum) if group["nesterov"] else buf)
+        dtype = self.ns_dtype or compute_dtype(params[0].device)
+        # One matrix keeps the plain 2-D products (torch.optim.Muon's, bit for bit).
+        stacked = updates[0] if len(updates) == 1 else torch.stack(updates)
+        ortho = orthogonalize(stacked, dtype)
+        scale = -lr * 0.2 * math.sqrt(max(params[0].shape))
+        for i, p in enumerate(params):
+            p.mul_(1 - lr * group["weight_decay"])
+            p.add_(ortho if len(params) == 1 else ortho[i], alpha=scale)
 
 
 class HybridOptimizer(Optimizer):

@@ -11,6 +11,7 @@ from astrai_train.evaluation.heldout import (
     greedy_replies,
     mean_by_lang,
     mean_reward,
+    preference_gaps,
     preference_scores,
     read_jsonl,
     reply_is_correct,
@@ -28,7 +29,8 @@ __all__ = [
     "LANGS", "EvalModel", "EvalOptions", "EvalReport", "EvalTaskFactory", "HeldOutScores",
     "HeldOutSet", "HeldOutTask", "ModelResult", "PerplexityTask", "Score", "ScoreRow",
     "TaskOptions", "build_tasks", "chat_accuracy", "evaluate_model", "greedy_replies",
-    "load_eval_model", "mean_by_lang", "mean_reward", "perplexity", "preference_scores",
+    "load_eval_model", "mean_by_lang", "mean_reward", "perplexity", "preference_gaps",
+    "preference_scores",
     "prepare_tasks", "read_jsonl", "reply_is_correct", "reply_loss", "results_table",
     "rolling_windows", "run_eval", "score_model", "score_requests", "score_rows",
 ]

@@ -178,22 +178,29 @@ def _pair_conversations(pair: dict[str, Any], side: str) -> list[dict[str, str]]
     return [*prompt, {"role": "assistant", "content": pair[side]}]
 
 
-def preference_scores(model: nn.Module, tokenizer: Any, pairs: Sequence[dict[str, Any]],
-                      reference: nn.Module | None = None, beta: float = 0.1
-                      ) -> tuple[dict[str, float], dict[str, float]]:
-    """-> (preference accuracy, reward margin) per language; the margin needs `reference`."""
-    def logps(m: nn.Module, side: str) -> torch.Tensor:
-        scored = reply_token_logprobs(m, tokenizer, [_pair_conversations(p, side) for p in pairs])
+def preference_gaps(model: nn.Module, tokenizer: Any, pairs: Sequence[dict[str, Any]]) -> torch.Tensor:
+    """Summed log-probability of each pair's chosen reply minus its rejected one's (float64)."""
+    def logps(side: str) -> torch.Tensor:
+        scored = reply_token_logprobs(model, tokenizer, [_pair_conversations(p, side) for p in pairs])
         return torch.tensor([s for s, _ in scored], dtype=torch.float64)
 
-    chosen, rejected = logps(model, "chosen"), logps(model, "rejected")
+    return logps("chosen") - logps("rejected")
+
+
+def preference_scores(model: nn.Module, tokenizer: Any, pairs: Sequence[dict[str, Any]],
+                      reference: nn.Module | None = None, beta: float = 0.1,
+                      reference_gaps: torch.Tensor | None = None
+                      ) -> tuple[dict[str, float], dict[str, float]]:
+    """-> (preference accuracy, reward margin) per language; the margin needs `reference` (or
+    its `preference_gaps` on the same pairs, which spares scoring it again)."""
+    gaps = preference_gaps(model, tokenizer, pairs)
     langs = [p["lang"] for p in pairs]
-    accuracy = mean_by_lang((chosen > rejected).double().tolist(), langs)
-    if reference is None:
+    accuracy = mean_by_lang((gaps > 0).double().tolist(), langs)
+    if reference_gaps is None and reference is not None:
+        reference_gaps = preference_gaps(reference, tokenizer, pairs)
+    if reference_gaps is None:
         return accuracy, {}
-    ref_gap = logps(reference, "chosen") - logps(reference, "rejected")
-    margins = beta * ((chosen - rejected) - ref_gap)
-    return accuracy, mean_by_lang(margins.tolist(), langs)
+    return accuracy, mean_by_lang((beta * (gaps - reference_gaps)).tolist(), langs)
 
 
 def mean_reward(model: nn.Module, tokenizer: Any, prompts: Sequence[dict[str, Any]],
@@ -209,15 +216,17 @@ def mean_reward(model: nn.Module, tokenizer: Any, prompts: Sequence[dict[str, An
 def score_model(stage: str, model: nn.Module, tokenizer: Any, data: HeldOutSet,
                 reward: Callable[..., float], max_new_tokens: int,
                 reference: nn.Module | None = None, beta: float = 0.1,
-                generate: bool = True) -> HeldOutScores:
+                generate: bool = True, reference_gaps: torch.Tensor | None = None) -> HeldOutScores:
     """Every score of one model; `generate=False` skips those that sample replies (accuracy,
-    reward): what a model that cannot chat yet (random weights) is measured on."""
+    reward): what a model that cannot chat yet (random weights) is measured on.
+    `reference_gaps`: the reference's `preference_gaps` on `data.pairs`, in place of scoring
+    `reference` again."""
     scores = HeldOutScores(stage)
     if data.chats:
         scores.loss = reply_loss(model, tokenizer, data.chats)
     if data.pairs:
         scores.preference, scores.margin = preference_scores(model, tokenizer, data.pairs,
-                                                             reference, beta)
+                                                             reference, beta, reference_gaps)
     if generate and data.chats:
         scores.accuracy, scores.tasks = chat_accuracy(model, tokenizer, data.chats, max_new_tokens)
     if generate and data.prompts:

@@ -38,26 +38,32 @@ class StagePlan:
 # - a 1M-parameter model (`mini`) that sees ~2.5M tokens beats the 5M `small` that sees 0.7M;
 # - Muon for the block matrices: the same steps reach a much lower loss than AdamW
 #   (held-out accuracy after SFT, same budget: AdamW 55% en / 25% zh, Muon 86% / 48%);
-# - DPO keeps the chosen replies likely (rpo_alpha), so it sharpens preferences without
-#   making the greedy answers worse;
+# - DPO keeps the chosen replies likely (rpo_alpha 2), so it sharpens preferences without
+#   making the greedy answers worse; 48 steps where 24 moved nothing: on 2,394 held-out pairs
+#   a language, 72 steps at RPO 2 raised preference accuracy by 0.25 / 0.29 points (and zh
+#   accuracy by 3.6), 24 steps at RPO 1 lowered both slightly; 48 is what the budget holds;
 # - pretrain 380 + SFT 240 steps is what fits five minutes of two cores with the evaluation
-#   (800 + 400 reached 86% / 84% but took 7.7 minutes); GRPO 40 steps at a low learning rate
-#   (5e-5): 2e-4 lowered held-out accuracy by 6 points, 1e-4 left it flat, 24 steps at 5e-5
-#   raised the reward but not accuracy, 48 at 3e-5 less than 48 at 5e-5. Advantages unscaled
-#   (Dr. GRPO): scaled by the group std, 40 steps swung arithmetic by up to 10 points either way;
-#   unscaled, 200 steps raised accuracy by 0.7 / 4.3 points, but 40 steps are all five minutes
-#   allow (docs/benchmarks.md).
+#   (800 + 400 reached 86% / 84% but took 7.7 minutes);
+# - GRPO with Muon, as pretraining and SFT: AdamW moves every weight by about the learning rate
+#   each step whatever its gradient, so RL's noisy gradients became noise in the weights (at
+#   1e-4 or 5e-5 held constant, held-out arithmetic fell 4-10 points; AdamW 1e-4 constant:
+#   -1.3 / -3.5 points, Muon 1e-4 decayed: +2.9 / +1.0, on 798 held-out chats a language).
+#   Muon's gain grows with steps (after the final DPO, 5e-5: 40 steps -0.3 / +0.9, 80 steps
+#   +2.6 / +0.6); 64 fit the budget,
+#   with the rollouts' second forward gone (GRPOStrategy: the ratio's denominator).
+#   Advantages unscaled (Dr. GRPO): scaled by the group std, 40 steps swung arithmetic by up
+#   to 10 points either way (docs/benchmarks.md has every probe).
 MUON = {"optimizer": "muon"}
 DEFAULT_PLANS: dict[str, StagePlan] = {
     "pretrain": StagePlan("pretrain", "seq", "pretrain.jsonl", steps=380, batch_size=16,
                           learning_rate=3e-3, warmup_steps=20, max_seq_len=128, values=MUON),
     "sft": StagePlan("sft", "sft", "sft.jsonl", steps=240, batch_size=16, learning_rate=1e-3,
                      warmup_steps=10, max_seq_len=128, values=MUON),
-    "dpo": StagePlan("dpo", "dpo", "dpo.jsonl", steps=24, batch_size=16, learning_rate=5e-5,
-                     values={"dpo_beta": 0.1, "dpo_rpo_alpha": 1.0}),
-    "grpo": StagePlan("grpo", "grpo", "grpo.jsonl", steps=40, batch_size=8, learning_rate=5e-5,
+    "dpo": StagePlan("dpo", "dpo", "dpo.jsonl", steps=48, batch_size=16, learning_rate=5e-5,
+                     values={"dpo_beta": 0.1, "dpo_rpo_alpha": 2.0}),
+    "grpo": StagePlan("grpo", "grpo", "grpo.jsonl", steps=64, batch_size=8, learning_rate=5e-5,
                       values={"grpo_kl_coef": 0.04, "grpo_clip_eps": 0.2,
-                              "grpo_scale_rewards": False}),
+                              "grpo_scale_rewards": False, **MUON}),
 }
 
 

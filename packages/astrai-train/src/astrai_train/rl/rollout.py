@@ -41,7 +41,8 @@ class RolloutConfig:
     # which ties the step they run in to thread timing; without it a seeded rollout is
     # reproducible bit for bit. Turn it on for long shared prompts.
     enable_prefix_cache: bool = False
-    # GRPO's ratio needs the sampling policy's log-probs; online DPO does not (one forward less).
+    # The sampling policy's log-probs, for a caller that updates more than once per rollout
+    # (its ratio's denominator); the trainer updates once and skips them (one forward less).
     old_log_probs: bool = True
 
     def __post_init__(self) -> None:

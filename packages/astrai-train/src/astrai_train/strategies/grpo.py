@@ -47,8 +47,11 @@ class GRPOStrategy(BaseStrategy):
     expectations over all response tokens of the batch, rho = exp(log pi - log pi_den) per token.
 
     pi_den is the frozen reference (the seed's offline formula) unless the batch carries
-    `old_log_probs` from the policy that sampled it (online), which then takes its place in
-    the ratio; the KL term always uses the reference.
+    `old_log_probs` from the policy that sampled it, which then takes its place in the ratio.
+    Online without them (the trainer's rollouts), the batch was sampled by these very weights
+    and gets one update, so pi_den is the policy itself, detached: rho = 1 with the policy
+    gradient as its gradient, and no second forward (TRL's GRPO skips it alike for one
+    iteration per rollout). The KL term always uses the reference.
     """
 
     def __init__(self, model: nn.Module, device: str | torch.device = "cpu",
@@ -107,7 +110,10 @@ class GRPOStrategy(BaseStrategy):
         with torch.no_grad():
             ref = token_log_probs(self.ref_model, ids, labels)
         old = batch.get("old_log_probs")
-        den = ref if old is None else old.view(B * G, T).to(logp)
+        if old is not None:
+            den = old.view(B * G, T).to(logp)
+        else:  # online: sampled by these weights; offline: the seed's formula
+            den = logp.detach() if self.rollout_source is not None else ref
         ratio = torch.exp(logp - den)
         unclipped = ratio * adv
         clipped = ratio.clamp(1 - self.clip_eps, 1 + self.clip_eps) * adv
