@@ -39,18 +39,19 @@ class StagePlan:
 # - Muon for the block matrices: the same steps reach a much lower loss than AdamW
 #   (held-out accuracy after SFT, same budget: AdamW 55% en / 25% zh, Muon 86% / 48%);
 # - DPO keeps the chosen replies likely (rpo_alpha 2), so it sharpens preferences without
-#   making the greedy answers worse; 48 steps where 24 moved nothing: on 2,394 held-out pairs
-#   a language, 72 steps at RPO 2 raised preference accuracy by 0.25 / 0.29 points (and zh
-#   accuracy by 3.6), 24 steps at RPO 1 lowered both slightly; 48 is what the budget holds;
+#   making the greedy answers worse. On 2,394 held-out pairs a language, 72 steps at RPO 2
+#   raised preference accuracy by 0.25 / 0.29 points, 24 at RPO 1 and 48 at RPO 2 left it a
+#   tenth lower; 48 keeps the whole job near 4.5 minutes (72: 5 minutes), and GRPO after it
+#   gained more (+2.5 / +2.3 points of accuracy on 798 chats a language, against +1.5 / -0.1);
 # - pretrain 380 + SFT 240 steps is what fits five minutes of two cores with the evaluation
 #   (800 + 400 reached 86% / 84% but took 7.7 minutes);
 # - GRPO with Muon, as pretraining and SFT: AdamW moves every weight by about the learning rate
 #   each step whatever its gradient, so RL's noisy gradients became noise in the weights (at
-#   1e-4 or 5e-5 held constant, held-out arithmetic fell 4-10 points; AdamW 1e-4 constant:
+#   1e-4 or 5e-5 held constant, held-out arithmetic fell by up to 11 points; AdamW 1e-4 constant:
 #   -1.3 / -3.5 points, Muon 1e-4 decayed: +2.9 / +1.0, on 798 held-out chats a language).
-#   Muon's gain grows with steps (after the final DPO, 5e-5: 40 steps -0.3 / +0.9, 80 steps
-#   +2.6 / +0.6); 64 fit the budget,
-#   with the rollouts' second forward gone (GRPOStrategy: the ratio's denominator).
+#   Muon's gain grows with steps (after 72 DPO steps, 5e-5: 40 steps -0.3 / +0.9, 80 steps
+#   +2.6 / +0.6); 64 fit the budget, with the rollouts' second forward gone (GRPOStrategy:
+#   the ratio's denominator).
 #   Advantages unscaled (Dr. GRPO): scaled by the group std, 40 steps swung arithmetic by up
 #   to 10 points either way (docs/benchmarks.md has every probe).
 MUON = {"optimizer": "muon"}
