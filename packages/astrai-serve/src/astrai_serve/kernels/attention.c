@@ -157,6 +157,13 @@ static inline void rope_head(const float *x, const float *cos, const float *sin,
     }
 }
 
+/* Floats of scratch one astrai_rope_decode_attention call needs: the rotated queries, the
+ * scores, each split's partial result (max, sum, Dv values). */
+int64_t astrai_attention_scratch(int64_t B, int64_t H, int64_t D, int64_t Dv, int64_t page_size,
+                                 int64_t max_pages, int64_t splits) {
+    return B * H * (D + max_pages * page_size + splits * (Dv + 2));
+}
+
 /* A whole GQA decode step of one layer after its projections, in one call: RoPE on each row's
  * query and key heads, the key and value written at the row's cache slot, then the paged
  * attention above. The unfused form is about ten tensor ops a layer (two RoPEs, a cache write,

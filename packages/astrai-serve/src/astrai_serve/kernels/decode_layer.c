@@ -54,7 +54,7 @@ static int64_t layer_row_floats(const astrai_decode_layer *L) {
 int64_t astrai_decode_layer_scratch(const astrai_decode_layer *L, int64_t rows, int64_t page_size,
                                     int64_t max_pages, int64_t splits) {
     return rows * layer_row_floats(L)
-         + rows * L->heads * (L->head_dim + max_pages * page_size + splits * (L->head_dim + 2));
+         + astrai_attention_scratch(rows, L->heads, L->head_dim, L->head_dim, page_size, max_pages, splits);
 }
 
 void astrai_decode_layer_forward(const astrai_decode_layer *L, const astrai_decode_step *S,

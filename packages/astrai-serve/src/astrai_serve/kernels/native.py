@@ -100,6 +100,8 @@ class SmallBatchKernels:
             ctypes.POINTER(DecodeLayer), ctypes.POINTER(DecodeStep), _c_ptr, _c_ptr]
         self.lib.astrai_decode_layer_scratch.argtypes = [ctypes.POINTER(DecodeLayer)] + [_c_i64] * 4
         self.lib.astrai_decode_layer_scratch.restype = _c_i64
+        self.lib.astrai_attention_scratch.argtypes = [_c_i64] * 7
+        self.lib.astrai_attention_scratch.restype = _c_i64
         for fn in (self.lib.astrai_linear_f32, self.lib.astrai_linear_q8, self.lib.astrai_rms_norm,
                    self.lib.astrai_paged_decode_attention, self.lib.astrai_rope_decode_attention,
                    self.lib.astrai_decode_layer_forward):
@@ -180,20 +182,24 @@ class SmallBatchKernels:
                                                     step.max_pages, step.splits)
 
     @staticmethod
-    def attention_scratch(b: int, h: int, d: int, dv: int, page_size: int, max_pages: int,
-                          allocate: bool = True) -> tuple[int, torch.Tensor | None]:
-        """The key splits of a decode attention call over B rows and the scratch it needs (the
-        rotated queries, the scores, each split's partial result), reusable across layers."""
-        # Split each row's keys so every thread gets two tasks, into at most one share a page.
+    def attention_splits(b: int, max_pages: int) -> int:
+        """Key splits of a decode attention call over B rows: each thread gets two tasks, into
+        at most one a page."""
         threads = torch.get_num_threads()
-        splits = 1 if b >= 2 * threads else max(1, min(-(-2 * threads // b), max_pages))
-        floats = SmallBatchKernels.attention_floats(b, h, d, dv, page_size, max_pages, splits)
-        return splits, torch.empty(floats, dtype=torch.float32) if allocate else None
+        return 1 if b >= 2 * threads else max(1, min(-(-2 * threads // b), max_pages))
 
-    @staticmethod
-    def attention_floats(b: int, h: int, d: int, dv: int, page_size: int, max_pages: int, splits: int) -> int:
+    def attention_scratch(self, b: int, h: int, d: int, dv: int, page_size: int,
+                          max_pages: int) -> tuple[int, torch.Tensor]:
+        """The key splits of a decode attention call over B rows and the scratch it needs,
+        reusable across layers."""
+        splits = self.attention_splits(b, max_pages)
+        return splits, torch.empty(self.attention_floats(b, h, d, dv, page_size, max_pages, splits),
+                                   dtype=torch.float32)
+
+    def attention_floats(self, b: int, h: int, d: int, dv: int, page_size: int, max_pages: int,
+                         splits: int) -> int:
         """Scratch floats of one call: the rotated queries, the scores, each split's partial."""
-        return b * h * (d + max_pages * page_size + splits * (dv + 2))
+        return self.lib.astrai_attention_scratch(b, h, d, dv, page_size, max_pages, splits)
 
 
 class _Unavailable(Exception):

@@ -51,6 +51,8 @@ typedef struct {
     int threads;
 } astrai_decode_step;
 
+int64_t astrai_attention_scratch(int64_t B, int64_t H, int64_t D, int64_t Dv, int64_t page_size,
+                                 int64_t max_pages, int64_t splits);
 int64_t astrai_decode_layer_scratch(const astrai_decode_layer *L, int64_t rows, int64_t page_size,
                                     int64_t max_pages, int64_t splits);
 void astrai_decode_layer_forward(const astrai_decode_layer *L, const astrai_decode_step *S,

@@ -226,8 +226,7 @@ class PackedView:
                 != (layer.kv_heads, layer.head_dim, layer.kv_heads, layer.head_dim)):
             return None
         rows, max_pages = self._page_table.shape
-        splits, _ = self._kernels.attention_scratch(rows, layer.heads, layer.head_dim, layer.head_dim,
-                                                    storage.page_size, max_pages, allocate=False)
+        splits = self._kernels.attention_splits(rows, max_pages)
         self._decode_step = DecodeStep(
             cos.data_ptr(), sin.data_ptr(), storage.k_cache.data_ptr(), storage.v_cache.data_ptr(),
             storage.k_cache.stride(0), storage.v_cache.stride(0), self._slots.data_ptr(),

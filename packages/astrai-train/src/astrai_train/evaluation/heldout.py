@@ -43,6 +43,8 @@ class HeldOutScores:
     margin: dict[str, float] = field(default_factory=dict)  # DPO reward margin vs the reference
     reward: dict[str, float] = field(default_factory=dict)
     tasks: dict[str, dict[str, float]] = field(default_factory=dict)  # lang -> task -> accuracy
+    # preference_gaps on the held-out pairs: the next stages' reference (not in the report)
+    pair_gaps: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {"stage": self.stage, "loss": self.loss, "accuracy": self.accuracy,
@@ -193,11 +195,17 @@ def preference_scores(model: nn.Module, tokenizer: Any, pairs: Sequence[dict[str
                       ) -> tuple[dict[str, float], dict[str, float]]:
     """-> (preference accuracy, reward margin) per language; the margin needs `reference` (or
     its `preference_gaps` on the same pairs, which spares scoring it again)."""
-    gaps = preference_gaps(model, tokenizer, pairs)
-    langs = [p["lang"] for p in pairs]
-    accuracy = mean_by_lang((gaps > 0).double().tolist(), langs)
     if reference_gaps is None and reference is not None:
         reference_gaps = preference_gaps(reference, tokenizer, pairs)
+    return preference_metrics(preference_gaps(model, tokenizer, pairs), pairs, reference_gaps, beta)
+
+
+def preference_metrics(gaps: torch.Tensor, pairs: Sequence[dict[str, Any]],
+                       reference_gaps: torch.Tensor | None = None, beta: float = 0.1
+                       ) -> tuple[dict[str, float], dict[str, float]]:
+    """Preference accuracy and (with the reference's gaps) reward margin from a model's gaps."""
+    langs = [p["lang"] for p in pairs]
+    accuracy = mean_by_lang((gaps > 0).double().tolist(), langs)
     if reference_gaps is None:
         return accuracy, {}
     return accuracy, mean_by_lang((beta * (gaps - reference_gaps)).tolist(), langs)
@@ -225,8 +233,11 @@ def score_model(stage: str, model: nn.Module, tokenizer: Any, data: HeldOutSet,
     if data.chats:
         scores.loss = reply_loss(model, tokenizer, data.chats)
     if data.pairs:
-        scores.preference, scores.margin = preference_scores(model, tokenizer, data.pairs,
-                                                             reference, beta, reference_gaps)
+        if reference_gaps is None and reference is not None:
+            reference_gaps = preference_gaps(reference, tokenizer, data.pairs)
+        scores.pair_gaps = preference_gaps(model, tokenizer, data.pairs)
+        scores.preference, scores.margin = preference_metrics(scores.pair_gaps, data.pairs,
+                                                              reference_gaps, beta)
     if generate and data.chats:
         scores.accuracy, scores.tasks = chat_accuracy(model, tokenizer, data.chats, max_new_tokens)
     if generate and data.prompts:
