@@ -81,7 +81,10 @@ def test_user_errors_print_one_line(tmp_path):
 
 
 SLOW_PREPARE = textwrap.dedent("""
-    import sys, time
+    import signal, sys, time
+    # A shell that starts jobs in the background hands its children SIGINT ignored, and Python
+    # then never raises KeyboardInterrupt: restore what a terminal gives.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.path.insert(0, {tests!r})
     from conftest import CharTokenizer
     from astrai_data.cli import _exit_on_sigterm
