@@ -340,6 +340,9 @@ def main() -> None:
             for q in ("f32", "int8"):
                 engines[f"astrai-{q}-nokernels"] = prepare_model(
                     AutoModel.from_pretrained(folder, dtype="float32"), "none" if q == "f32" else q)
+            if bf16 is not None:  # a bf16 model on torch's bf16 ops (oneDNN), as before the kernel
+                engines["astrai-bf16-nokernels"] = prepare_model(
+                    AutoModel.from_pretrained(folder, dtype="bfloat16"), "none")
     # Batch sizes per engine; the others run batch 1 only.
     sizes = {"astrai-f32": batches, "astrai-f32-plain": batches, "astrai-f32-unfused": batches[:2],
              "astrai-f32-nokernels": batches[:2]}
@@ -393,14 +396,15 @@ def main() -> None:
     print("| engine | total s | speed vs AstrAI F32 | roofline share |\n|---|---|---|---|")
     f32_1 = best("astrai-f32", 1)
     rows = [("AstrAI int8 (`--quantize int8`)", "astrai-int8", wb["int8"]),
-            ("llama.cpp Q8_0", "llama-q8_0", None)]
+            ("llama.cpp Q8_0", "llama-q8_0", wb["int8"])]  # the same roofline bytes as ours
     if bf16 is not None:
-        rows += [("AstrAI bf16 (auto here)", "astrai-bf16", weight_bytes(bf16)), ("llama.cpp BF16", "llama-bf16", None)]
+        rows += [("AstrAI bf16 weights (auto here)", "astrai-bf16", weight_bytes(bf16)),
+                 ("llama.cpp BF16", "llama-bf16", weight_bytes(bf16))]
     for label, name, nbytes in rows:
         t = best(name, 1)
         if t is None:
             continue
-        roof = roofline_seconds(n_params, nbytes or wb["int8"], 1, prompt, gen, limits)
+        roof = roofline_seconds(n_params, nbytes, 1, prompt, gen, limits)
         print(f"| {label} | {t:.2f} | {f32_1 / t:.2f}x | {roof / t:.0%} |")
 
     for flag, suffix, title, off, on in [
@@ -412,8 +416,10 @@ def main() -> None:
         print(f"\n## {title}, {prompt} + {gen} tokens\n")
         print(f"| path | {off} s | {on} s | gain |\n|---|---|---|---|")
         for label, name, b in [("F32", "astrai-f32", batches[0]), ("F32", "astrai-f32", batches[1]),
-                               ("int8", "astrai-int8", batches[0])]:
+                               ("int8", "astrai-int8", batches[0]), ("bf16", "astrai-bf16", batches[0])]:
             a, b_ = best(f"{name}-{suffix}", b), best(name, b)
+            if a is None or b_ is None:
+                continue
             print(f"| {label}, {b} sequence{'s' if b > 1 else ''} | {a:.2f} | {b_:.2f} | {a / b_:.2f}x |")
 
     ids = AutoTokenizer.from_pretrained(folder).encode(TEXT * 2)[:256]

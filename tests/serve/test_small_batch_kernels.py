@@ -15,8 +15,9 @@ from astrai_core.model import ModelConfig, RMSNorm, Transformer
 from astrai_core.model.cache import KVSpec
 from astrai_serve import KVCache, kernels
 from astrai_serve.kernels import native
+from astrai_serve.kernels.decode_block import KernelDecoderBlock
 from astrai_serve.quantize import Int8Linear, KernelRMSNorm, PackedLinear, prepare_model
-from tolerances import forward_bound, reorder_bound
+from tolerances import BF16_STAGE, forward_bound, reduced_precision_bound, reorder_bound
 
 SHAPES = [(37, 29), (64, 96), (200, 768)]  # N, K: tails (N % 24, N % 8, K % 8, K % 32) and none
 
@@ -63,6 +64,52 @@ def test_f32_and_int8_rows_are_bit_identical_alone_or_batched(small_batch):
     together = small_batch.linear_q8(x, qw, scales, None)
     assert all(torch.equal(small_batch.linear_q8(x[i : i + 1], qw, scales, None)[0], together[i])
                for i in range(8))
+
+
+@pytest.fixture(scope="module")
+def bf16_kernels(small_batch):
+    if not small_batch.bf16:
+        pytest.skip("the CPU lacks AVX512-BF16: linear_bf16 cannot run here (its fallback is "
+                    "tested by test_without_avx512_bf16_bf16_models_keep_torch_s_kernels)")
+    return small_batch
+
+
+def _bf16_exact(x, w, b):
+    """The product on bf16-rounded activations and weights, in float64."""
+    expected = F.linear(x.to(torch.bfloat16).double(), w.to(torch.bfloat16).double())
+    return expected if b is None else expected + b.double()
+
+
+@pytest.mark.parametrize(("n", "k"), SHAPES)
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 16])
+def test_bf16_linear_is_within_fp32_reordering_of_the_product_of_rounded_values(bf16_kernels, n, k, rows):
+    """bf16 x bf16 products are exact in fp32, so only the fp32 sum's order is left: the kernel
+    equals the float64 product of the bf16-rounded inputs within fp32 reordering."""
+    torch.manual_seed(n * rows)
+    x, w, b = torch.randn(rows, k), torch.randn(n, k), torch.randn(n)
+    got = bf16_kernels.linear_bf16(x, w.to(torch.bfloat16), b).double()
+    expected = _bf16_exact(x, w, b)
+    scale = (x.double().abs() @ w.double().abs().T).max().item() + b.abs().max().item()
+    assert (got - expected).abs().max().item() <= 2 * reorder_bound(k + 1, scale, torch.float32)
+
+
+def test_bf16_rows_are_bit_identical_alone_or_batched(bf16_kernels):
+    torch.manual_seed(0)
+    x = torch.randn(16, 96) * torch.tensor([1, 100, 1e-2, 3, 1, 1, 7, 0.5] * 2)[:, None]
+    w = torch.randn(66, 96).to(torch.bfloat16)  # 66: a group's last rows outside the 4-row tiles
+    together = bf16_kernels.linear_bf16(x, w, None)
+    assert all(torch.equal(bf16_kernels.linear_bf16(x[i : i + 1], w, None)[0], together[i]) for i in range(16))
+    assert torch.equal(bf16_kernels.linear_bf16(x[[6, 1, 4]].contiguous(), w, None), together[[6, 1, 4]])
+
+
+def test_without_avx512_bf16_bf16_models_keep_torch_s_kernels(small_batch, model, monkeypatch):
+    monkeypatch.setattr(native, "cpu_flags", lambda: frozenset(native.REQUIRED_CPU_FLAGS))
+    assert not small_batch.bf16
+    with pytest.raises(RuntimeError, match="needs a CPU with AVX512-BF16"):
+        small_batch.linear_bf16(torch.randn(1, 8), torch.randn(4, 8).to(torch.bfloat16), None)
+    prepared = prepare_model(copy.deepcopy(model).to(torch.bfloat16), "none")
+    assert next(prepared.parameters()).dtype == torch.bfloat16  # no weight-only bf16 here
+    assert not any(getattr(m, "weight_only_bf16", False) for m in prepared.modules())
 
 
 @pytest.mark.parametrize(("n", "k"), SHAPES)
@@ -162,17 +209,24 @@ MODELS = {
 }
 
 
+@pytest.mark.parametrize("weights", ["f32", "bf16"])
 @pytest.mark.parametrize("extra", MODELS.values(), ids=MODELS)
 @torch.inference_mode()
-def test_a_decode_step_over_the_cached_pages_equals_the_full_forward(small_batch, extra):
+def test_a_decode_step_over_the_cached_pages_equals_the_full_forward(small_batch, extra, weights):
     """fp32 decode rows of different lengths on scattered pages, through the prepared model
     (kernel linears, norms and paged decode attention): each row's logits match a dense fp32
-    forward of its whole sequence."""
+    forward of its whole sequence; with bf16 weights (fp32 activations), within bf16's rounding."""
+    if weights == "bf16" and not small_batch.bf16:
+        pytest.skip("the CPU lacks AVX512-BF16: bf16 models keep torch's kernels there")
     torch.manual_seed(0)
     config = ModelConfig(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, dim_ffn=96,
                          max_seq_len=128, **extra)
     reference = Transformer(config).eval()
-    model = prepare_model(copy.deepcopy(reference), "none")
+    model = copy.deepcopy(reference).to(torch.bfloat16 if weights == "bf16" else torch.float32)
+    model = prepare_model(model, "none")
+    blocks = [m for m in model.modules() if isinstance(m, KernelDecoderBlock)]
+    assert all(b.format == (native.BF16 if weights == "bf16" else native.F32) for b in blocks)
+    assert len(blocks) == (config.n_layers if config.attention_type != "mla" else 0)
     cache = KVCache(model.kv_spec(), config.n_layers, page_size=4, max_tokens=256)
     seqs = torch.randint(0, 64, (3, 40), generator=torch.Generator().manual_seed(1))
     done = {0: 33, 1: 7, 2: 18}
@@ -186,9 +240,12 @@ def test_a_decode_step_over_the_cached_pages_equals_the_full_forward(small_batch
     ids = torch.tensor([[int(seqs[r, done[r]]) for r in (0, 2, 1)]])
     logits = model(ids, paged_cache=view, position_ids=view.position_ids)[0]
     expected = torch.cat([reference(seqs[r : r + 1, : done[r] + 1])[0, -1:] for r in (0, 2, 1)])
-    bound = forward_bound(config.n_layers, max(config.dim, config.dim_ffn, 40),
-                          scale=expected.abs().max().item(), dtype=torch.float32)
-    assert (logits - expected).abs().max().item() <= bound
+    width, scale = max(config.dim, config.dim_ffn, 40), expected.abs().max().item()
+    if weights == "bf16":
+        bound = reduced_precision_bound(config.n_layers, width, scale, BF16_STAGE)
+    else:
+        bound = forward_bound(config.n_layers, width, scale=scale, dtype=torch.float32)
+    assert logits.dtype == torch.float32 and (logits - expected).abs().max().item() <= bound
 
 
 # (page_size, kv heads, query heads per kv head, head dim): 8-key score blocks and 32-lane value

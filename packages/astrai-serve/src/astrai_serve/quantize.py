@@ -49,7 +49,11 @@ INT8_MAX = 127
 
 
 def _linear_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(n, m) for n, m in model.named_modules() if type(m) in (Linear, nn.Linear)]
+    """The linear layers to swap: all but those whose weight their parent reads itself (MLA's
+    `weights_read_directly`), which a swapped layer would not have in the parent's dtype."""
+    keep = {f"{name}.{child}" if name else child for name, module in model.named_modules()
+            for child in getattr(module, "weights_read_directly", ())}
+    return [(n, m) for n, m in model.named_modules() if type(m) in (Linear, nn.Linear) and n not in keep]
 
 
 def _swap(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -58,20 +62,36 @@ def _swap(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 class PackedLinear(nn.Module):
-    """A float linear layer whose weight lives in oneDNN's packed layout (CPU); fp32 products of
-    up to `kernels.F32_MAX_ROWS` rows run `kernels/linear.c` on a plain copy, where it is faster."""
+    """A float linear layer whose weight lives in oneDNN's packed layout (CPU). Decode steps'
+    few rows run `kernels/linear.c` on a plain copy where it is faster: fp32 weights up to
+    `kernels.F32_MAX_ROWS` rows; bf16 weights (`weight_only_bf16`: fp32 activations in and out,
+    as llama.cpp's BF16 files) up to `kernels.BF16_MAX_ROWS`, on CPUs with AVX512-BF16."""
 
-    def __init__(self, linear: nn.Module) -> None:
+    def __init__(self, linear: nn.Module, weight_only_bf16: bool = False) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         with torch.no_grad():
             # A copy in anonymous memory: read through a checkpoint's file mapping the kernel
             # streamed 18 instead of 23 GB/s (docs/benchmarks.md).
             weight = linear.weight.detach().clone()
+            if weight_only_bf16:
+                weight = weight.to(torch.bfloat16)
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight)
-        self.bias = None if linear.bias is None else linear.bias.detach().clone()
+        self.dtype = weight.dtype
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        # Weight-only bf16 keeps the activations (and so the bias) fp32; oneDNN's bf16 product
+        # for bigger batches wants a bf16 bias.
+        self.weight_only_bf16 = weight_only_bf16
+        self.bias = bias if bias is None or not weight_only_bf16 else bias.float()
+        self._packed_bias = bias if bias is None or not weight_only_bf16 else bias.to(torch.bfloat16)
         # The plain copy doubles the layer's memory; the kernels make F32 decoding 1.3-1.5x faster.
-        self._kernels = kernels.load() if weight.dtype == torch.float32 else None
+        small_batch = kernels.load()
+        if weight_only_bf16:
+            self._kernels = small_batch if small_batch is not None and small_batch.bf16 else None
+            self._max_rows = kernels.BF16_MAX_ROWS
+        else:
+            self._kernels = small_batch if weight.dtype == torch.float32 else None
+            self._max_rows = kernels.F32_MAX_ROWS
         self.weight = weight if self._kernels is not None else None
 
     @staticmethod
@@ -84,15 +104,21 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        if self._kernels is not None and flat.shape[0] <= kernels.F32_MAX_ROWS and flat.dtype == torch.float32:
-            y = self._kernels.linear_f32(flat.contiguous(), self.weight, self.bias)
+        if self._kernels is not None and flat.shape[0] <= self._max_rows and flat.dtype == torch.float32:
+            small = self._kernels.linear_bf16 if self.weight_only_bf16 else self._kernels.linear_f32
+            y = small(flat.contiguous(), self.weight, self.bias)
+        elif self.weight_only_bf16:
+            y = torch.ops.mkldnn._linear_pointwise(flat.to(torch.bfloat16), self.packed, self._packed_bias,
+                                                   "none", [], "").to(x.dtype)
         else:
             y = torch.ops.mkldnn._linear_pointwise(flat, self.packed, self.bias, "none", [], "")
         return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         small = ", small-batch kernel" if self._kernels is not None else ""
-        return f"in={self.in_features}, out={self.out_features}, oneDNN packed{small}, bias={self.bias is not None}"
+        kind = ", bf16 weights, fp32 activations" if self.weight_only_bf16 else ""
+        return (f"in={self.in_features}, out={self.out_features}, oneDNN packed{kind}{small}, "
+                f"bias={self.bias is not None}")
 
 
 class Int8Linear(nn.Module):
@@ -204,14 +230,31 @@ def prepare_model(model: nn.Module, quantize: str = "none", fuse: bool = True) -
         return model
     if not PackedLinear.supported(model) or torch.get_num_threads() < 2:
         return model  # on one thread MKL's own one-row product is as fast (measured)
+    weight_only_bf16 = _weight_only_bf16(model)
     for name, module in _linear_modules(model):
         try:
-            packed = PackedLinear(module)
+            packed = PackedLinear(module, weight_only_bf16)
         except RuntimeError:  # e.g. oneDNN's bf16 packing needs AVX512 or AVX-NE-CONVERT
             return model  # only the first layer can fail: every layer has the same dtype
         _swap(model, name, packed)
+    if weight_only_bf16:
+        # Everything but the linear layers' weights computes in fp32 (embeddings, norms, the
+        # KV cache, which follows the model's dtype): the weights are what a decode step
+        # reads, and bf16 halves them; the rest is small and stays exact.
+        model.float()
+        _swap_norms(model)
     fuse_decoder_blocks(model)
     return model
+
+
+def _weight_only_bf16(model: nn.Module) -> bool:
+    """A bf16 model on a CPU whose kernels run bf16 weights: serve it as bf16 weights with fp32
+    activations, so decode steps run the fused kernel blocks (a bf16 model's own forward runs
+    each op in Python, and oneDNN's one-row bf16 product reads slower than the kernel)."""
+    p = next(model.parameters())
+    small_batch = kernels.load()
+    return (p.dtype == torch.bfloat16 and p.device.type == "cpu" and small_batch is not None
+            and small_batch.bf16)
 
 
 def weight_bytes(model: nn.Module) -> int:
@@ -222,7 +265,9 @@ def weight_bytes(model: nn.Module) -> int:
     for module in model.modules():
         if isinstance(module, Int8Linear):
             total += module.in_features * module.out_features + 4 * module.out_features
-        elif isinstance(module, PackedLinear) or type(module) in (Linear, nn.Linear):
+        elif isinstance(module, PackedLinear):
+            total += module.in_features * module.out_features * module.dtype.itemsize
+        elif type(module) in (Linear, nn.Linear):
             total += module.in_features * module.out_features * itemsize
         elif isinstance(module, (RMSNorm, KernelRMSNorm)):
             total += module.weight.numel() * itemsize

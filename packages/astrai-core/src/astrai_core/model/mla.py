@@ -29,6 +29,11 @@ from astrai_core.model.rope import apply_rotary
 
 
 class MLA(nn.Module):
+    # Linear layers whose weight the cached decode path reads itself (kv_b_proj, absorbed into
+    # the query and the output): code that swaps linear layers (serving's kernels, int8) must
+    # leave these as they are.
+    weights_read_directly = ("kv_b_proj",)
+
     def __init__(self, config: ModelConfig, layer_id: int) -> None:
         super().__init__()
         self.layer_id = layer_id

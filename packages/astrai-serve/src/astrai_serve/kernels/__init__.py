@@ -1,6 +1,7 @@
 """Native CPU kernels for serving decode steps (`small_batch.h` and its C files), built on first use."""
 
 from astrai_serve.kernels.native import (
+    BF16_MAX_ROWS,
     F32_MAX_ROWS,
     INT8_MAX_ROWS,
     SmallBatchKernels,
@@ -9,4 +10,4 @@ from astrai_serve.kernels.native import (
     status,
 )
 
-__all__ = ["F32_MAX_ROWS", "INT8_MAX_ROWS", "SmallBatchKernels", "disabled", "load", "status"]
+__all__ = ["BF16_MAX_ROWS", "F32_MAX_ROWS", "INT8_MAX_ROWS", "SmallBatchKernels", "disabled", "load", "status"]

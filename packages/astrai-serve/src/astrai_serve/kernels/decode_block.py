@@ -10,8 +10,8 @@ unfused serving path's to float rounding.
 It applies where the step's plan offers `run_decode_layer` (a decode-only fp32 CPU step of the
 paged cache, `PackedView`) and the block is what the kernel implements: GQA (optionally with
 qk-norm and the output gate) with its projections fused, the dense SwiGLU MLP, and every
-linear layer on the kernels (fp32 `PackedLinear` up to `F32_MAX_ROWS` rows, or `Int8Linear` up
-to `INT8_MAX_ROWS`). Anything else (MLA, MoE, LoRA's separate projections, bigger batches,
+linear layer on the kernels (fp32 `PackedLinear` up to `F32_MAX_ROWS` rows, weight-only bf16
+`PackedLinear` up to `BF16_MAX_ROWS`, or `Int8Linear` up to `INT8_MAX_ROWS`). Anything else (MLA, MoE, LoRA's separate projections, bigger batches,
 prefill) runs the block's own forward.
 """
 
@@ -25,22 +25,22 @@ from astrai_core.model.block import DecoderBlock
 from astrai_core.model.cache import AttentionPlan, PagedCache
 from astrai_core.model.mlp import MLP
 from astrai_serve import kernels
-from astrai_serve.kernels.native import DecodeLayer, LinearRef, _ptr
+from astrai_serve.kernels.native import BF16, F32, Q8, DecodeLayer, LinearRef, _ptr
 
 
 class KernelDecoderBlock(DecoderBlock):
     """The block's own submodules (state-dict names unchanged) plus its `DecodeLayer`."""
 
-    def __init__(self, block: DecoderBlock, layer: DecodeLayer, int8: bool) -> None:
+    def __init__(self, block: DecoderBlock, layer: DecodeLayer) -> None:
         nn.Module.__init__(self)
         for name, child in block.named_children():
             self.add_module(name, child)
         self.kernel_layer = layer
-        self.int8 = int8  # the row limit is the linear kernels' (read per call, as theirs is)
+        self.format = layer.qkv.format  # the row limit is the linear kernels' (read per call, as theirs is)
 
     @property
     def max_rows(self) -> int:
-        return kernels.INT8_MAX_ROWS if self.int8 else kernels.F32_MAX_ROWS
+        return {Q8: kernels.INT8_MAX_ROWS, BF16: kernels.BF16_MAX_ROWS}.get(self.format, kernels.F32_MAX_ROWS)
 
     def forward(
         self,
@@ -84,11 +84,13 @@ def kernel_block(block: DecoderBlock) -> KernelDecoderBlock | None:
     if not all(isinstance(n, KernelRMSNorm) for n in norms) or norms[0].norm_eps != norms[1].norm_eps:
         return None
     int8 = all(isinstance(lin, Int8Linear) and lin._kernels is not None for lin in linears)
-    if all(isinstance(lin, PackedLinear) and lin.weight is not None for lin in linears):
-        refs = [LinearRef(_ptr(lin.weight), None, _ptr(lin.bias), lin.out_features, lin.in_features)
-                for lin in linears]
+    packed = all(isinstance(lin, PackedLinear) and lin.weight is not None for lin in linears)
+    bf16 = packed and all(lin.weight_only_bf16 for lin in linears)
+    if packed and (bf16 or not any(lin.weight_only_bf16 for lin in linears)):
+        refs = [LinearRef(_ptr(lin.weight), None, _ptr(lin.bias), lin.out_features, lin.in_features,
+                          BF16 if bf16 else F32) for lin in linears]
     elif int8:
-        refs = [LinearRef(_ptr(lin.qweight), _ptr(lin.scales), _ptr(lin.bias), lin.out_features, lin.in_features)
+        refs = [LinearRef(_ptr(lin.qweight), _ptr(lin.scales), _ptr(lin.bias), lin.out_features, lin.in_features, Q8)
                 for lin in linears]
     else:
         return None
@@ -101,4 +103,4 @@ def kernel_block(block: DecoderBlock) -> KernelDecoderBlock | None:
         *refs, _ptr(norms[0].weight), _ptr(norms[1].weight), None if q_norm is None else _ptr(q_norm.weight),
         None if k_norm is None else _ptr(k_norm.weight), norms[0].norm_eps,
         0.0 if q_norm is None else q_norm.norm_eps, attn.layer_id, H, Hkv, D, int(gated))
-    return KernelDecoderBlock(block, layer, int8)
+    return KernelDecoderBlock(block, layer)

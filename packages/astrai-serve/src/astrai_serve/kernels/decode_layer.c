@@ -9,10 +9,13 @@
 #include "simd.h"
 #include "small_batch.h"
 
-static void linear_ref(const astrai_linear_ref *l, const float *x, float *y, int64_t M, int8_t *qx,
+/* qx: the rounded activations' scratch (int8 or bf16), sx: the int8 rows' scales. */
+static void linear_ref(const astrai_linear_ref *l, const float *x, float *y, int64_t M, void *qx,
                        float *sx, int threads) {
-    if (l->scales)
-        astrai_linear_q8(x, qx, sx, (const int8_t *)l->weight, l->scales, l->bias, y, M, l->n, l->k, threads);
+    if (l->format == ASTRAI_Q8)
+        astrai_linear_q8(x, (int8_t *)qx, sx, (const int8_t *)l->weight, l->scales, l->bias, y, M, l->n, l->k, threads);
+    else if (l->format == ASTRAI_BF16)
+        astrai_linear_bf16(x, (uint16_t *)qx, (const uint16_t *)l->weight, l->bias, y, M, l->n, l->k, threads);
     else
         astrai_linear_f32(x, (const float *)l->weight, l->bias, y, M, l->n, l->k, threads);
 }
@@ -42,12 +45,13 @@ static void mul_sigmoid(const float *a, const float *g, const float *u, float *y
 }
 
 /* Per row: normed (dim), qkv, attn (heads x head_dim), gate_up (2 ffn), act (ffn), the int8
- * activations' scale (1) and values (the widest linear input, as floats' worth of bytes). */
+ * activations' scale (1) and the rounded activations (the widest linear input at 2 bytes, room
+ * for int8 or bf16, as floats' worth of bytes). */
 static int64_t layer_row_floats(const astrai_decode_layer *L) {
     const int64_t dim = L->o.n, ffn = L->down.k, hd = L->heads * L->head_dim;
     int64_t widest = dim > ffn ? dim : ffn;
     widest = widest > hd ? widest : hd;
-    return dim + L->qkv.n + hd + 3 * ffn + 1 + (widest + 3) / 4;
+    return dim + L->qkv.n + hd + 3 * ffn + 1 + (2 * widest + 3) / 4;
 }
 
 /* Floats of scratch one call needs: the layer's activations, then the attention's. */
@@ -63,7 +67,7 @@ void astrai_decode_layer_forward(const astrai_decode_layer *L, const astrai_deco
     const int64_t D = L->head_dim, nqkv = L->qkv.n;
     float *normed = S->scratch, *qkv = normed + B * dim, *attn = qkv + B * nqkv;
     float *gate_up = attn + B * H * D, *act = gate_up + 2 * B * ffn, *sx = act + B * ffn;
-    int8_t *qx = (int8_t *)(sx + B);
+    void *qx = sx + B;
     float *att_scratch = S->scratch + B * layer_row_floats(L);
     const int T = S->threads;
 

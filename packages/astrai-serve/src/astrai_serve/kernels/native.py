@@ -40,15 +40,19 @@ from astrai_core.capability import cpu_flags
 log = logging.getLogger(__name__)
 
 FOLDER = Path(__file__).parent
-SOURCES = ("linear.c", "norm.c", "attention.c", "decode_layer.c")  # one library: small_batch.h
+SOURCES = ("linear.c", "linear_bf16.c", "norm.c", "attention.c", "decode_layer.c")  # one library: small_batch.h
 HEADERS = ("simd.h", "small_batch.h")
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared")
 REQUIRED_CPU_FLAGS = ("avx2", "fma")
+# linear_bf16.c's instructions: its functions are compiled for them alone and called only where
+# the CPU has every one (the library itself needs only AVX2).
+BF16_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
 DISABLE_ENV = "ASTRAI_NATIVE_KERNELS"
 # Up to here the kernels beat torch's (measured on a 2-core AMD EPYC Milan without native bf16,
 # docs/benchmarks.md; other CPUs may want other limits); beyond, torch's run.
 F32_MAX_ROWS = 16  # fp32 against oneDNN: 1.3x at 1 row, 1.12x at 16, even at 32, 0.93x at 64
 INT8_MAX_ROWS = 8  # int8 layers against fbgemm's: 1.8x at 1 row, 1.2x at 8, 0.86-1.15x at 16
+BF16_MAX_ROWS = 8  # bf16 weights against oneDNN's bf16 product: 1.1-1.3x at 1 row, even at 4, 0.9x at 8 (AMD EPYC Turin)
 BUILD_TIMEOUT_S = 120
 
 _c_ptr, _c_i64, _c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
@@ -58,10 +62,14 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-class LinearRef(ctypes.Structure):
-    """small_batch.h's `astrai_linear_ref`: one fp32 or int8 (with row scales) linear layer."""
+F32, Q8, BF16 = 0, 1, 2  # small_batch.h's weight formats
 
-    _fields_ = [("weight", _c_ptr), ("scales", _c_ptr), ("bias", _c_ptr), ("n", _c_i64), ("k", _c_i64)]
+
+class LinearRef(ctypes.Structure):
+    """small_batch.h's `astrai_linear_ref`: one fp32, int8 (with row scales) or bf16 linear layer."""
+
+    _fields_ = [("weight", _c_ptr), ("scales", _c_ptr), ("bias", _c_ptr), ("n", _c_i64), ("k", _c_i64),
+                ("format", _c_i64)]
 
 
 class DecodeLayer(ctypes.Structure):
@@ -92,6 +100,7 @@ class SmallBatchKernels:
     def __post_init__(self) -> None:
         self.lib.astrai_linear_f32.argtypes = [_c_ptr] * 4 + [_c_i64] * 3 + [_c_int]
         self.lib.astrai_linear_q8.argtypes = [_c_ptr] * 7 + [_c_i64] * 3 + [_c_int]
+        self.lib.astrai_linear_bf16.argtypes = [_c_ptr] * 5 + [_c_i64] * 3 + [_c_int]
         self.lib.astrai_rms_norm.argtypes = [_c_ptr, _c_ptr, ctypes.c_float, _c_ptr, _c_i64, _c_i64, _c_int]
         self.lib.astrai_paged_decode_attention.argtypes = [_c_ptr] * 7 + [_c_i64] * 8 + [ctypes.c_float, _c_int]
         self.lib.astrai_rope_decode_attention.argtypes = (
@@ -102,7 +111,8 @@ class SmallBatchKernels:
         self.lib.astrai_decode_layer_scratch.restype = _c_i64
         self.lib.astrai_attention_scratch.argtypes = [_c_i64] * 7
         self.lib.astrai_attention_scratch.restype = _c_i64
-        for fn in (self.lib.astrai_linear_f32, self.lib.astrai_linear_q8, self.lib.astrai_rms_norm,
+        for fn in (self.lib.astrai_linear_f32, self.lib.astrai_linear_q8, self.lib.astrai_linear_bf16,
+                   self.lib.astrai_rms_norm,
                    self.lib.astrai_paged_decode_attention, self.lib.astrai_rope_decode_attention,
                    self.lib.astrai_decode_layer_forward):
             fn.restype = None
@@ -124,6 +134,24 @@ class SmallBatchKernels:
         y = torch.empty(m, n, dtype=torch.float32)
         self.lib.astrai_linear_q8(_ptr(x), _ptr(qx), _ptr(sx), _ptr(qweight), _ptr(scales), _ptr(bias),
                                   _ptr(y), m, n, k, torch.get_num_threads())
+        return y
+
+    @property
+    def bf16(self) -> bool:
+        """Whether `linear_bf16` may run: the CPU has AVX512-BF16 (its own flags, not
+        capability's ASTRAI_CPU_BF16 override, which cannot add instructions)."""
+        return all(f in cpu_flags() for f in BF16_CPU_FLAGS)
+
+    def linear_bf16(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x (M, K) fp32 contiguous; weight (N, K) bf16 contiguous; bias fp32 -> (M, N) fp32.
+        Only where `bf16` holds (an illegal instruction otherwise)."""
+        if not self.bf16:
+            raise RuntimeError("linear_bf16 needs a CPU with AVX512-BF16 (avx512_bf16 in /proc/cpuinfo)")
+        (m, k), n = x.shape, weight.shape[0]
+        xb = torch.empty(m, k, dtype=torch.bfloat16)
+        y = torch.empty(m, n, dtype=torch.float32)
+        self.lib.astrai_linear_bf16(_ptr(x), _ptr(xb), _ptr(weight), _ptr(bias), _ptr(y), m, n, k,
+                                    torch.get_num_threads())
         return y
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

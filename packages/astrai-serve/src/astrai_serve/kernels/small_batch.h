@@ -1,6 +1,6 @@
 /* The small-batch serving kernels' entry points (ctypes binds them by name, native.py) and the
  * structs `decode_layer.c` takes. Each file is one concept: linear.c (fp32 and int8 products),
- * norm.c (RMSNorm), attention.c (RoPE, the cache write and decode attention over the paged KV
+ * linear_bf16.c (bf16 weights, AVX512-BF16 only), norm.c (RMSNorm), attention.c (RoPE, the cache write and decode attention over the paged KV
  * cache), decode_layer.c (a whole decoder block of them). */
 #ifndef ASTRAI_SMALL_BATCH_H
 #define ASTRAI_SMALL_BATCH_H
@@ -11,6 +11,8 @@ void astrai_linear_f32(const float *x, const float *W, const float *bias, float 
                        int64_t N, int64_t K, int threads);
 void astrai_linear_q8(const float *x, int8_t *qx, float *sx, const int8_t *W, const float *sw,
                       const float *bias, float *y, int64_t M, int64_t N, int64_t K, int threads);
+void astrai_linear_bf16(const float *x, uint16_t *xb, const uint16_t *W, const float *bias, float *y,
+                        int64_t M, int64_t N, int64_t K, int threads);
 void astrai_rms_norm(const float *x, const float *w, float eps, float *y, int64_t M, int64_t K,
                      int threads);
 void astrai_paged_decode_attention(const float *q, const float *k_cache, const float *v_cache,
@@ -26,11 +28,14 @@ void astrai_rope_decode_attention(const float *q, const float *k, const float *v
                                   int64_t Dv, int64_t page_size, int64_t max_pages, int64_t splits,
                                   float scale, int threads);
 
+enum { ASTRAI_F32 = 0, ASTRAI_Q8 = 1, ASTRAI_BF16 = 2 }; /* astrai_linear_ref.format */
+
 typedef struct {
-    const void *weight;  /* fp32 (n, k), or int8 (n, k) with per-row scales */
-    const float *scales; /* NULL for fp32 */
+    const void *weight;  /* (n, k): fp32, int8 with per-row scales, or bf16 */
+    const float *scales; /* the int8 rows' scales; NULL otherwise */
     const float *bias;   /* or NULL */
     int64_t n, k;
+    int64_t format;      /* ASTRAI_F32, ASTRAI_Q8 or ASTRAI_BF16 (only where the CPU has AVX512-BF16) */
 } astrai_linear_ref;
 
 typedef struct {
