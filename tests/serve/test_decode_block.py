@@ -35,6 +35,13 @@ def small_batch():
     return loaded
 
 
+@pytest.fixture(autouse=True)
+def kernel_rows(monkeypatch):
+    """The fp32 row limit is tuned per CPU (one row where oneDNN has AVX512): these tests run
+    the kernel over every row count it takes, whatever this CPU's tuning."""
+    monkeypatch.setattr(kernels, "F32_MAX_ROWS", kernels.F32_KERNEL_ROWS)
+
+
 def _config(**extra) -> ModelConfig:
     return ModelConfig(vocab_size=64, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, dim_ffn=96,
                        max_seq_len=128, **extra)

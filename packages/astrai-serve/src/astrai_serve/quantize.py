@@ -88,11 +88,13 @@ class PackedLinear(nn.Module):
         small_batch = kernels.load()
         if weight_only_bf16:
             self._kernels = small_batch if small_batch is not None and small_batch.bf16 else None
-            self._max_rows = kernels.BF16_MAX_ROWS
         else:
             self._kernels = small_batch if weight.dtype == torch.float32 else None
-            self._max_rows = kernels.F32_MAX_ROWS
         self.weight = weight if self._kernels is not None else None
+
+    @property
+    def _max_rows(self) -> int:  # read per call, as the fused block reads it
+        return kernels.BF16_MAX_ROWS if self.weight_only_bf16 else kernels.F32_MAX_ROWS
 
     @staticmethod
     def supported(model: nn.Module) -> bool:

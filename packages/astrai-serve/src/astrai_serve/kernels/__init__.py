@@ -2,6 +2,7 @@
 
 from astrai_serve.kernels.native import (
     BF16_MAX_ROWS,
+    F32_KERNEL_ROWS,
     F32_MAX_ROWS,
     INT8_MAX_ROWS,
     SmallBatchKernels,
@@ -10,4 +11,4 @@ from astrai_serve.kernels.native import (
     status,
 )
 
-__all__ = ["BF16_MAX_ROWS", "F32_MAX_ROWS", "INT8_MAX_ROWS", "SmallBatchKernels", "disabled", "load", "status"]
+__all__ = ["BF16_MAX_ROWS", "F32_KERNEL_ROWS", "F32_MAX_ROWS", "INT8_MAX_ROWS", "SmallBatchKernels", "disabled", "load", "status"]
