@@ -10,8 +10,13 @@ layers (lm_head included); the model code never knows (ARCHITECTURE.md).
   torch.compile's CPU freezing uses). Same values, same dtype; the product splits over every
   thread even for one row, where torch's default `F.linear` (MKL) runs a one-row product on one
   core whatever the thread count, and oneDNN is faster for 16-64 rows too (docs/benchmarks.md).
-  Where `astrai_serve.kernels` loaded, fp32 products of up to 16 rows (decode steps) run our
-  own kernel instead, on a plain copy of the weight (so F32 layers hold their weights twice).
+  Where `astrai_serve.kernels` loaded, fp32 products of a decode step's few rows
+  (`kernels.F32_MAX_ROWS`, tuned per CPU) run our own kernel instead, on a plain copy of the
+  weight (so F32 layers hold their weights twice).
+- a bf16 model on a CPU with AVX512-BF16: bf16 weights with fp32 activations (as llama.cpp's
+  BF16 files), everything else (embeddings, norms, KV cache) fp32; decode steps run the fused
+  blocks with the bf16 kernel, bigger batches oneDNN's bf16 product. Elsewhere a bf16 model
+  keeps torch's bf16 ops.
 - "int8": weights as int8 with one scale per output row (symmetric, s = max|row| / 127), run by
   fbgemm through torch's dynamic quantized linear: the activations are quantized to 8 bits on
   the fly, as llama.cpp's Q8_0 does per block of 32; up to 8 rows by our int8 x int8 kernel
