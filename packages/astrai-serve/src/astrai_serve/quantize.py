@@ -87,8 +87,8 @@ class PackedLinear(nn.Module):
         # Weight-only bf16 keeps the activations (and so the bias) fp32; oneDNN's bf16 product
         # for bigger batches wants a bf16 bias.
         self.weight_only_bf16 = weight_only_bf16
-        self.bias = bias if bias is None or not weight_only_bf16 else bias.float()
-        self._packed_bias = bias if bias is None or not weight_only_bf16 else bias.to(torch.bfloat16)
+        self.bias = bias.float() if bias is not None and weight_only_bf16 else bias
+        self._packed_bias = bias.to(torch.bfloat16) if bias is not None and weight_only_bf16 else bias
         # The plain copy doubles the layer's memory; the kernels make F32 decoding 1.3-1.5x faster.
         small_batch = kernels.load()
         if weight_only_bf16:
