@@ -4,6 +4,7 @@ the final folder serves, a re-run reproduces the table, and bad settings fail cl
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,26 @@ def test_each_stage_keeps_a_resumable_checkpoint(first_run):
         steps = sorted((first_run / stage).glob("step_*"))
         assert steps and (steps[-1] / "optimizer.safetensors").is_file(), stage
         assert (first_run / stage / "launch.json").is_file()
+
+
+def test_dpo_trains_on_the_sft_models_own_wrong_replies_too(first_run):
+    """The DPO file: the corpus's pairs plus, for prompts the SFT model got wrong in a sample,
+    the chosen reply against that wrong reply."""
+    def records(name: str) -> list[dict]:
+        lines = (first_run / "data" / name).read_text(encoding="utf-8").splitlines()
+        return [json.loads(line) for line in lines]
+
+    original, on_policy = records("dpo.jsonl"), records("dpo_on_policy.jsonl")
+    key = lambda r: json.dumps(r, sort_keys=True)  # noqa: E731
+    added = Counter(map(key, on_policy)) - Counter(map(key, original))
+    assert Counter(map(key, original)) <= Counter(map(key, on_policy))  # every pair kept
+    added = [json.loads(k) for k in added.elements()]
+    assert added and len(on_policy) == len(original) + len(added)  # tiny models err often
+    chosen = {r["chosen"] for r in original}
+    assert all(r["chosen"] in chosen and r["rejected"] != r["chosen"] for r in added)
+    assert (first_run / "data" / "dpo_on_policy.h5").is_file()
+    launch = json.loads((first_run / "dpo" / "launch.json").read_text())
+    assert "dpo_on_policy.h5" in json.dumps(launch)
 
 
 def test_final_folder_is_servable(first_run):

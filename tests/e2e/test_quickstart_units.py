@@ -36,3 +36,16 @@ def test_markdown_table_has_a_row_per_stage():
     text = markdown_table(rows)
     assert "| sft | 0.500 | 1.000 | 25.0% | 50.0% | 75.0% | - | 0.00 | 0.00 | 0.100 | - |" in text
     assert text.splitlines()[0].startswith("| stage | loss en | loss zh | accuracy en")
+
+
+def test_only_a_dpo_stage_after_another_samples_on_policy_pairs():
+    import dataclasses
+
+    import pytest
+
+    plans = dict(DEFAULT_PLANS)
+    plans["sft"] = dataclasses.replace(plans["sft"], on_policy_samples=4)
+    with pytest.raises(ValueError, match="the sft stage samples on-policy pairs"):
+        QuickstartConfig(plans=plans)
+    plans = dict(DEFAULT_PLANS, dpo=dataclasses.replace(DEFAULT_PLANS["dpo"], on_policy_samples=2))
+    assert QuickstartConfig(plans=plans).fingerprint()["plans"]["dpo"]["on_policy_samples"] == 2

@@ -35,6 +35,8 @@ from astrai_train.rng import seed_everything, seed_worker
 from astrai_train.schedulers import SchedulerFactory
 from astrai_train.strategies import BaseStrategy, StrategyFactory
 
+ROLLOUT_MAX_CONCURRENT = 256  # online RL: sequences the rollout engine decodes at once, at most
+
 # TrainConfig field -> strategy keyword, per strategy.
 STRATEGY_FIELDS: dict[str, dict[str, str]] = {
     "seq": {"label_smoothing": "label_smoothing"},
@@ -136,10 +138,13 @@ def build_rollout_source(cfg: TrainConfig) -> Any:
                          "--tokenizer DIR, or a --model folder that holds tokenizer files")
     from astrai_core import AutoTokenizer
 
-    rollout = RolloutConfig(group_size=cfg.grpo_group_size or DEFAULT_GROUP_SIZE,
-                            max_new_tokens=cfg.rollout_max_tokens,
+    group = cfg.grpo_group_size or DEFAULT_GROUP_SIZE
+    # A step's rollouts decode together (up to 256): one wave of decode steps, not several
+    # (the quickstart's 32 x 4: 128 at once instead of two waves of 64)
+    concurrent = min(ROLLOUT_MAX_CONCURRENT, max(64, cfg.batch_size * group))
+    rollout = RolloutConfig(group_size=group, max_new_tokens=cfg.rollout_max_tokens,
                             temperature=cfg.rollout_temperature, top_p=cfg.rollout_top_p,
-                            seed=cfg.seed, old_log_probs=False)
+                            seed=cfg.seed, old_log_probs=False, max_batch_size=concurrent)
     reward = build_reward(cfg.reward)  # comma-separated names are averaged
     return EngineRolloutSource(AutoTokenizer.from_pretrained(cfg.tokenizer), reward, rollout)
 

@@ -30,6 +30,7 @@ from astrai_data import NUMERIC_TASKS, extract_answer
 from astrai_train.strategies.logprobs import token_log_probs
 
 LANGS = ("en", "zh")
+GENERATE_BATCH = 256  # concurrent sequences of the engine that generates the replies
 
 
 @dataclass
@@ -153,8 +154,12 @@ def greedy_replies(model: nn.Module, tokenizer: Any, conversations: Sequence[lis
     was_training = model.training
     model.eval()
     try:
-        with InferenceEngine(model, tokenizer, max_batch_size=64, max_seq_len=max_seq_len,
-                             kv_cache_tokens=64 * max_seq_len) as engine:
+        # 256 at once: a small model's decode step costs about the same for 64 rows or 256
+        # (2,000 sampled replies of the quickstart's model: 7.6 s at 64, 5.5 s at 256, 2 cores);
+        # the window is the longest prompt plus the reply, so the cache stays small
+        with InferenceEngine(model, tokenizer, max_batch_size=GENERATE_BATCH,
+                             max_seq_len=max_seq_len,
+                             kv_cache_tokens=GENERATE_BATCH * max_seq_len) as engine:
             results = engine.generate_ids(prompts, params)
     finally:
         model.train(was_training)

@@ -29,7 +29,13 @@ from astrai_train.quickstart.report import (
     samples_table,
     times_table,
 )
-from astrai_train.quickstart.stages import make_corpus, make_dataset, make_tokenizer, train_stage
+from astrai_train.quickstart.stages import (
+    make_corpus,
+    make_dataset,
+    make_on_policy_dataset,
+    make_tokenizer,
+    train_stage,
+)
 from astrai_train.resume import TOKENIZER_FILES
 from astrai_train.rl import build_reward, require_serve
 
@@ -146,7 +152,9 @@ def run_quickstart(cfg: QuickstartConfig, console: Console | None = None,
         console.print(f"characters per token: {compression}")
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     with clock.stage("datasets", "tokenize the training files"):
-        data = {s: make_dataset(cfg, cfg.plan(s), corpus, tok_dir) for s in STAGES}
+        # a stage whose pairs come from the previous stage's model prepares them when it starts
+        data = {s: make_dataset(cfg, cfg.plan(s), corpus, tok_dir) for s in STAGES
+                if not cfg.plan(s).on_policy_samples}
     reward = build_reward(cfg.rewards)
     held_out = HeldOutSet.load(corpus, cfg.eval_limit)
     result = QuickstartResult(out=cfg.out, final=cfg.out / "final", compression=compression)
@@ -167,16 +175,24 @@ def run_quickstart(cfg: QuickstartConfig, console: Console | None = None,
     # The SFT model is DPO's and GRPO's reference: its log-prob gaps on the held-out pairs,
     # scored in its own row, give the later stages' margins.
     reference_gaps: torch.Tensor | None = None
+    model: torch.nn.Module | None = None  # the last stage's model, as evaluated
     for name in STAGES:
         plan = cfg.plan(name)
         with clock.stage(name, f"{plan.strategy}, {plan.steps} steps of {plan.batch_size}"):
+            if plan.on_policy_samples:
+                assert model is not None  # QuickstartConfig: never the first stage
+                data[name], report = make_on_policy_dataset(cfg, plan, corpus, tok_dir, model,
+                                                            tokenizer)
+                if report is not None:
+                    console.print(f"on-policy pairs from the {STAGES[STAGES.index(name) - 1]} "
+                                  f"model: {report.summary()}")
             previous = train_stage(cfg, plan, data[name], tok_dir, previous)
         model = load_stage_model(previous)
         evaluate(name, model, reference_gaps)
         if name == "sft":
             reference_gaps = result.metrics[-1].pair_gaps
             result.metrics[-1].margin = dict.fromkeys(result.metrics[-1].preference, 0.0)
-    assert previous is not None
+    assert previous is not None and model is not None
     with clock.stage("final", "sample chats, learning curves and the servable folder"):
         publish_final(previous, result.final)
         result.samples = sample_chats(model, tokenizer, held_out.chats, cfg.max_new_tokens)

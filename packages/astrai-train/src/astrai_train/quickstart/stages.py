@@ -11,13 +11,17 @@ import json
 from pathlib import Path
 from typing import Any
 
-from astrai_core import Checkpoint
+from torch import nn
+
+from astrai_core import Checkpoint, atomic_file
 from astrai_core.tokenizer.training import train_tokenizer
 from astrai_data import PrepareConfig, prepare, synthesize
 from astrai_train.config import TrainConfig
+from astrai_train.evaluation.heldout import read_jsonl
 from astrai_train.launch import LaunchOptions, build_config, write_launch
 from astrai_train.quickstart.config import QuickstartConfig, StagePlan
 from astrai_train.resume import list_checkpoints
+from astrai_train.rl.pairs import PairConfig, PairReport, on_policy_pairs
 from astrai_train.trainer import Trainer
 
 CORPUS_FILES = ("pretrain.jsonl", "sft.jsonl", "dpo.jsonl", "grpo.jsonl", "eval_pretrain.jsonl",
@@ -53,6 +57,27 @@ def make_dataset(cfg: QuickstartConfig, plan: StagePlan, corpus: Path, tokenizer
         prepare(plan.strategy, [corpus / plan.data], out, tokenizer,
                 PrepareConfig(num_workers=0), progress=cfg.progress)
     return out
+
+
+def make_on_policy_dataset(cfg: QuickstartConfig, plan: StagePlan, corpus: Path, tokenizer: Path,
+                           policy: nn.Module, tok: Any) -> tuple[Path, PairReport | None]:
+    """The stage's preference file plus pairs of the policy's own wrong replies (the model the
+    stage starts from), written once beside the corpus and prepared like the other files.
+    -> (the prepared file, the sampling report; None when an earlier run wrote the file)."""
+    name = Path(plan.data).stem + "_on_policy"
+    jsonl, out = corpus / f"{name}.jsonl", corpus / f"{name}.h5"
+    report = None
+    if not jsonl.is_file():
+        config = PairConfig(samples=plan.on_policy_samples, temperature=cfg.temperature,
+                            max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+        records, report = on_policy_pairs(policy, tok, read_jsonl(corpus / plan.data), config)
+        with atomic_file(jsonl) as tmp:
+            tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
+                           encoding="utf-8")
+    if not out.is_file():
+        prepare(plan.strategy, [jsonl], out, tokenizer, PrepareConfig(num_workers=0),
+                progress=cfg.progress)
+    return out, report
 
 
 def completed_checkpoint(folder: Path, steps: int) -> Path | None:
