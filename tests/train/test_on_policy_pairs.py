@@ -131,3 +131,10 @@ def test_cli_writes_the_pairs_and_refuses_bad_input_before_loading_a_model(polic
                                   "--out", str(tmp_path / "o.jsonl")])
     assert isinstance(missing.exception, FileNotFoundError)
     assert "preference file not found" in str(missing.exception)
+
+
+def test_a_prompt_longer_than_the_window_is_named_before_sampling(policy):
+    _, model, tok = policy
+    long = {"prompt": "Cats and dogs are animals. " * 60, "chosen": "Yes.", "rejected": "No."}
+    with pytest.raises(ValueError, match=r"record 2: its prompt is \d+ tokens, the model's window 128"):
+        on_policy_pairs(model, tok, [RECORDS[0], long], PairConfig(samples=2))
