@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from astrai_core import Checkpoint, atomic_file
+from astrai_core import Checkpoint
 from astrai_core.tokenizer.training import train_tokenizer
 from astrai_data import PrepareConfig, prepare, synthesize
 from astrai_train.config import TrainConfig
@@ -21,7 +21,7 @@ from astrai_train.evaluation.heldout import read_jsonl
 from astrai_train.launch import LaunchOptions, build_config, write_launch
 from astrai_train.quickstart.config import QuickstartConfig, StagePlan
 from astrai_train.resume import list_checkpoints
-from astrai_train.rl.pairs import PairConfig, PairReport, on_policy_pairs
+from astrai_train.rl.pairs import PairConfig, PairReport, on_policy_pairs, write_pairs
 from astrai_train.trainer import Trainer
 
 CORPUS_FILES = ("pretrain.jsonl", "sft.jsonl", "dpo.jsonl", "grpo.jsonl", "eval_pretrain.jsonl",
@@ -71,9 +71,7 @@ def make_on_policy_dataset(cfg: QuickstartConfig, plan: StagePlan, corpus: Path,
         config = PairConfig(samples=plan.on_policy_samples, temperature=cfg.temperature,
                             max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
         records, report = on_policy_pairs(policy, tok, read_jsonl(corpus / plan.data), config)
-        with atomic_file(jsonl) as tmp:
-            tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
-                           encoding="utf-8")
+        write_pairs(jsonl, records)
     if not out.is_file():
         prepare(plan.strategy, [jsonl], out, tokenizer, PrepareConfig(num_workers=0),
                 progress=cfg.progress)

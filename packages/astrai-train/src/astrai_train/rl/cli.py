@@ -65,9 +65,14 @@ def pairs_cmd(
 ) -> None:
     from rich.console import Console
 
-    from astrai_core import atomic_file
     from astrai_train.evaluation.models import load_eval_model
-    from astrai_train.rl.pairs import PairConfig, on_policy_pairs, reward_judge, same_reply
+    from astrai_train.rl.pairs import (
+        PairConfig,
+        on_policy_pairs,
+        reward_judge,
+        same_reply,
+        write_pairs,
+    )
 
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it, or another --out")
@@ -77,10 +82,7 @@ def pairs_cmd(
     records = read_records(data)
     policy = load_eval_model(model_dir, device, dtype)
     written, report = on_policy_pairs(policy.model, policy.tokenizer, records, config, judge)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(out) as tmp:
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in written),
-                       encoding="utf-8")
+    write_pairs(out, written)
     Console().print(f"{report.summary()}: {out}", highlight=False, soft_wrap=True)
 
 

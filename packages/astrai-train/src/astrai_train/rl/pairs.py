@@ -17,13 +17,16 @@ pair stays too, so the file keeps what the fixed pairs teach.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from astrai_core import atomic_file
 from astrai_data.prepare.records import InvalidRecord, parse_dpo
 from astrai_train.rl.extra import require_serve
 from astrai_train.rl.rewards import RewardSpec, build_reward
@@ -123,6 +126,14 @@ def on_policy_pairs(model: nn.Module, tokenizer: Any, records: Sequence[dict[str
             out.append({**record, "rejected": Counter(wrong).most_common(1)[0][0]})
     report.records = len(out)
     return out, report
+
+
+def write_pairs(path: Path, records: Sequence[dict[str, Any]]) -> None:
+    """JSONL, written atomically: an interrupted run leaves no half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as tmp:
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
+                       encoding="utf-8")
 
 
 def _sample(serve: Any, model: nn.Module, tokenizer: Any, prompts: list[list[int]],
